@@ -1,0 +1,31 @@
+# Two commands on a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.ldr-tf-installed
+
+.PHONY: install test test-slow demo bench clean
+
+$(STAMP): setup.py constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(PY) -m ldr_tf.demo --out_dir=demo_out
+
+bench: $(STAMP)
+	$(PY) -m ldr_tf.benchmark --out=bench_out/benchmark.json
+
+clean:
+	rm -rf $(VENV) demo_out bench_out build *.egg-info

@@ -1,0 +1,126 @@
+"""Training losses, as pure TF functions.
+
+Every loss computes one value **per sample** (shape ``[B]``) and then applies an explicit `reduction`:
+
+* ``"sum"`` (default): sum over the batch. This is what the original RCN/LDR code does for every term, so the
+  loss weights of the paper (reg 1.0, det 0.1, ortho 0.1) keep their meaning at batch 4. Under
+  ``tf.distribute`` each replica sums its own samples and the gradients are summed across replicas, which
+  equals the sum over the global batch.
+* ``"mean"``: mean over the batch.
+* ``"none"``: the ``[B]`` vector.
+
+References: Zhao et al., "Recursive Cascaded Networks", ICCV 2019; Tran et al., "LDR + ALDK", IEEE TMI 2022.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+__all__ = [
+    "reduce",
+    "correlation_loss",
+    "smoothness_loss",
+    "affine_det_loss",
+    "affine_ortho_loss",
+]
+
+PEARSON_EPS = 1e-6  # added to each variance, as in the reference implementation
+ORTHO_EPS = 1e-5  # C = A^T A + eps I
+
+
+def reduce(per_sample: tf.Tensor, reduction: str) -> tf.Tensor:
+    """Applies ``"sum"``, ``"mean"`` or ``"none"`` to a ``[B]`` tensor."""
+    if reduction == "sum":
+        return tf.reduce_sum(per_sample)
+    if reduction == "mean":
+        return tf.reduce_mean(per_sample)
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction: expected 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+def _check_volume(name, x, channels=None):
+    if x.shape.rank is not None and x.shape.rank != 5:
+        raise ValueError(f"{name}: expected [B, D, H, W, C], got shape {tuple(x.shape)}")
+    if channels is not None and x.shape.rank is not None and x.shape[-1] not in (None, channels):
+        raise ValueError(f"{name}: expected {channels} channels, got shape {tuple(x.shape)}")
+
+
+def correlation_loss(fixed, warped, reduction: str = "sum") -> tf.Tensor:
+    """``1 - r`` with ``r`` the Pearson correlation of each sample over all its voxels and channels.
+
+    ``r = cov / sqrt((var_f + 1e-6) (var_w + 1e-6))``; 0 for identical images, up to 2 for inverted ones.
+
+    Args:
+      fixed, warped: ``[B, D, H, W, C]`` images (values in [0, 1] in this project).
+    """
+    fixed = tf.convert_to_tensor(fixed)
+    warped = tf.convert_to_tensor(warped, dtype=fixed.dtype)
+    _check_volume("fixed", fixed)
+    _check_volume("warped", warped)
+    if fixed.shape.is_fully_defined() and warped.shape.is_fully_defined() and fixed.shape != warped.shape:
+        raise ValueError(f"warped: shape {tuple(warped.shape)} must equal fixed's {tuple(fixed.shape)}")
+    axes = [1, 2, 3, 4]
+    mf = tf.reduce_mean(fixed, axes, keepdims=True)
+    mw = tf.reduce_mean(warped, axes, keepdims=True)
+    df, dw = fixed - mf, warped - mw
+    cov = tf.reduce_mean(df * dw, axes)
+    vf = tf.reduce_mean(tf.square(df), axes)
+    vw = tf.reduce_mean(tf.square(dw), axes)
+    r = cov / tf.sqrt((vf + PEARSON_EPS) * (vw + PEARSON_EPS))
+    return reduce(1.0 - r, reduction)
+
+
+def smoothness_loss(flow, reduction: str = "sum") -> tf.Tensor:
+    """Gradient smoothness of a flow with forward differences, normalised as the reference does.
+
+    Per sample: ``(0.5 * sum(dD u)^2 + 0.5 * sum(dH u)^2 + 0.5 * sum(dW u)^2) / (D * H * W * 3)``, the sums
+    running over all valid forward differences and all 3 channels. A linear field ``u = a * x_0`` has
+    ``dD u = a`` on ``(D - 1) H W`` positions of one channel, so its loss is ``0.5 a^2 (D-1) H W / (3 D H W)``.
+    """
+    flow = tf.convert_to_tensor(flow)
+    _check_volume("flow", flow, 3)
+    dd = flow[:, 1:] - flow[:, :-1]
+    dh = flow[:, :, 1:] - flow[:, :, :-1]
+    dw = flow[:, :, :, 1:] - flow[:, :, :, :-1]
+    axes = [1, 2, 3, 4]
+    total = 0.5 * (
+        tf.reduce_sum(tf.square(dd), axes)
+        + tf.reduce_sum(tf.square(dh), axes)
+        + tf.reduce_sum(tf.square(dw), axes)
+    )
+    n = tf.cast(tf.reduce_prod(tf.shape(flow)[1:]), flow.dtype)
+    return reduce(total / n, reduction)
+
+
+def _check_matrix(A):
+    A = tf.convert_to_tensor(A)
+    if A.shape.rank is not None and (A.shape.rank != 3 or A.shape[1:] not in ((3, 3), (None, None))):
+        raise ValueError(f"A: expected [B, 3, 3], got shape {tuple(A.shape)}")
+    return A
+
+
+def affine_det_loss(A, reduction: str = "sum") -> tf.Tensor:
+    """``0.5 (det A - 1)^2`` per sample: penalises volume change of the affine stage (weight 0.1 in RCN)."""
+    A = _check_matrix(A)
+    return reduce(0.5 * tf.square(tf.linalg.det(A) - 1.0), reduction)
+
+
+def affine_ortho_loss(A, reduction: str = "sum") -> tf.Tensor:
+    """Orthogonality loss of RCN/VTN: ``sum_i (l_i + (1+e)^2 / l_i) - 6 (1+e)``, ``l_i`` eigenvalues of
+    ``C = A^T A + e I`` (e = 1e-5), written with the elementary symmetric polynomials of C so it needs no
+    eigen-decomposition: ``s1 + (1+e)^2 s2 / s3 - 6 (1+e)``. Zero for any rotation, positive otherwise.
+    """
+    A = _check_matrix(A)
+    eps = ORTHO_EPS
+    C = tf.matmul(A, A, transpose_a=True) + eps * tf.eye(3, dtype=A.dtype)
+    s1 = tf.linalg.trace(C)
+    # s2 = sum of the principal 2x2 minors
+    s2 = (
+        C[:, 0, 0] * C[:, 1, 1] - C[:, 0, 1] * C[:, 1, 0]
+        + C[:, 0, 0] * C[:, 2, 2] - C[:, 0, 2] * C[:, 2, 0]
+        + C[:, 1, 1] * C[:, 2, 2] - C[:, 1, 2] * C[:, 2, 1]
+    )
+    s3 = tf.linalg.det(C)
+    per = s1 + (1.0 + eps) ** 2 * s2 / s3 - 6.0 * (1.0 + eps)
+    return reduce(per, reduction)

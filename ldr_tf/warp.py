@@ -1,0 +1,362 @@
+"""Spatial transforms: warping, composition, affine fields and point sampling.
+
+The one convention used everywhere in ldr-tf
+---------------------------------------------
+* Volumes are NDHWC float32 tensors ``[B, D, H, W, C]``. Spatial axis 0 is D (tensor axis 1),
+  spatial axis 1 is H (tensor axis 2), spatial axis 2 is W (tensor axis 3).
+* A **flow** (displacement field) is ``[B, D, H, W, 3]`` in **voxels of the grid it lives on**.
+  Channel ``c`` is the displacement along spatial axis ``c`` (channel 0 along D, 1 along H, 2 along W).
+  This is ``ij`` indexing throughout; there is no ``xy`` swap anywhere.
+* Warping **pulls**: ``warped[x] = moving[x + u(x)]`` with trilinear interpolation. Sample positions outside
+  the volume are clamped to the border (replicate padding, zero gradient with respect to the flow there).
+  This is what ``scipy.ndimage.map_coordinates(moving, x + u(x), order=1, mode='nearest')`` computes, and
+  what the original RCN/LDR ``Dense3DSpatialTransformer`` computes.
+* Composition: if ``u1`` is applied first and ``u2`` predicted on the result, the total field is
+  ``u(x) = u2(x) + u1(x + u2(x))`` = ``compose(u1, u2)``. The original moving image is always re-warped with
+  the total field; warped images are never warped again.
+* Affine fields use voxel coordinates centred on the volume: ``x_c = index - (N - 1) / 2``. The affine map is
+  ``x_c -> A x_c + b`` and its displacement is ``(A - I) x_c + b``; row ``r`` of ``A`` is output axis ``r``.
+* Landmarks / points are ``[B, P, 3]`` float voxel coordinates in the same ``ij`` order.
+
+Every function here is a pure TF function: batch-aware, usable eagerly and inside ``tf.function``, with dynamic
+spatial sizes. Shapes are checked where they are statically known and a ``ValueError`` names the argument.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+__all__ = [
+    "warp",
+    "warp_labels",
+    "resample",
+    "compose",
+    "affine_to_flow",
+    "compose_affine",
+    "sample_points",
+    "identity_grid",
+    "upsample_flow",
+    "set_xla_warp",
+    "xla_warp_enabled",
+]
+
+# Whether `warp`/`resample` run their sampler through an XLA-compiled function. The sampler is the
+# only part of the pipeline where XLA helps on CPU (measured: see README "Performance"); whole 3D
+# networks under XLA are ~100x slower because XLA:CPU convolutions do not use oneDNN.
+_XLA = os.environ.get("LDR_TF_XLA_WARP", "1") not in ("0", "false", "False", "")
+
+
+def set_xla_warp(enabled: bool) -> None:
+    """Turns the XLA-compiled sampler on or off for functions traced after this call."""
+    global _XLA
+    _XLA = bool(enabled)
+
+
+def xla_warp_enabled() -> bool:
+    """True when `warp`, `resample` and `warp_labels` use the XLA-compiled sampler."""
+    return _XLA
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _static_shape(x) -> list:
+    return list(x.shape) if x.shape.rank is not None else None
+
+
+def _check_rank(name: str, x: tf.Tensor, rank: int, what: str) -> None:
+    if x.shape.rank is not None and x.shape.rank != rank:
+        raise ValueError(
+            f"{name}: expected a rank-{rank} tensor {what}, got shape {tuple(x.shape)}"
+        )
+
+
+def _check_same(name_a, a, name_b, b, axes, what) -> None:
+    sa, sb = _static_shape(a), _static_shape(b)
+    if sa is None or sb is None:
+        return
+    for ax in axes:
+        if sa[ax] is not None and sb[ax] is not None and sa[ax] != sb[ax]:
+            raise ValueError(
+                f"{name_b}: {what} must match {name_a}; {name_a} has shape {tuple(sa)}, "
+                f"{name_b} has shape {tuple(sb)}"
+            )
+
+
+def _check_flow(flow: tf.Tensor, name: str = "flow") -> None:
+    _check_rank(name, flow, 5, "[B, D, H, W, 3]")
+    if flow.shape.rank is not None and flow.shape[-1] is not None and flow.shape[-1] != 3:
+        raise ValueError(
+            f"{name}: expected 3 channels (displacement along D, H, W) in shape [B, D, H, W, 3], "
+            f"got shape {tuple(flow.shape)}"
+        )
+
+
+def _check_image_flow(image, flow, image_name="image") -> None:
+    _check_rank(image_name, image, 5, "[B, D, H, W, C]")
+    _check_flow(flow)
+    _check_same(image_name, image, "flow", flow, (0, 1, 2, 3), "batch and spatial sizes")
+
+
+# ------------------------------------------------------------------------------------------- sampler
+
+
+def _corner_indices_and_weights(coords, sizes):
+    """Trilinear corners for positions `coords` [B, d, h, w, 3] in a volume of spatial `sizes` [3].
+
+    Returns (flat indices of the 8 corners into a [B*D*H*W] array, their 8 weights), each [8, B, d, h, w].
+    Positions are clamped into [0, N-1] first (border replication).
+    """
+    sizes_f = tf.cast(sizes, coords.dtype)
+    coords = tf.clip_by_value(coords, tf.zeros_like(sizes_f), sizes_f - 1.0)
+    c0 = tf.floor(coords)
+    frac = coords - c0
+    c0 = tf.cast(c0, tf.int32)
+    c1 = tf.minimum(c0 + 1, sizes - 1)
+    batch = tf.shape(coords)[0]
+    d, h, w = sizes[0], sizes[1], sizes[2]
+    base = tf.reshape(tf.range(batch) * (d * h * w), [-1, 1, 1, 1])
+    z = (c0[..., 0], c1[..., 0])
+    y = (c0[..., 1], c1[..., 1])
+    x = (c0[..., 2], c1[..., 2])
+    fz = (1.0 - frac[..., 0], frac[..., 0])
+    fy = (1.0 - frac[..., 1], frac[..., 1])
+    fx = (1.0 - frac[..., 2], frac[..., 2])
+    indices, weights = [], []
+    for i in (0, 1):
+        for j in (0, 1):
+            zy = base + (z[i] * h + y[j]) * w
+            wzy = fz[i] * fy[j]
+            for k in (0, 1):
+                indices.append(zy + x[k])
+                weights.append(wzy * fx[k])
+    return tf.stack(indices), tf.stack(weights)
+
+
+def _sample_linear(image, coords):
+    """Trilinear sample of `image` [B, D, H, W, C] at absolute voxel positions `coords` [B, d, h, w, 3]."""
+    shape = tf.shape(image)
+    sizes = shape[1:4]
+    flat = tf.reshape(image, [-1, shape[4]])
+    idx, wts = _corner_indices_and_weights(coords, sizes)
+    out = tf.gather(flat, idx[0]) * wts[0][..., None]
+    for n in range(1, 8):
+        out += tf.gather(flat, idx[n]) * wts[n][..., None]
+    return out
+
+
+def _sample_labels(labels, coords, method):
+    """Label sample without mixing: `labels` [B, D, H, W] int32, `coords` [B, d, h, w, 3]."""
+    sizes = tf.shape(labels)[1:4]
+    flat = tf.reshape(labels, [-1])
+    if method == "nearest":
+        sizes_f = tf.cast(sizes, coords.dtype)
+        pos = tf.clip_by_value(tf.round(coords), tf.zeros_like(sizes_f), sizes_f - 1.0)
+        pos = tf.cast(pos, tf.int32)
+        batch = tf.shape(coords)[0]
+        base = tf.reshape(tf.range(batch) * tf.reduce_prod(sizes), [-1, 1, 1, 1])
+        return tf.gather(flat, base + (pos[..., 0] * sizes[1] + pos[..., 1]) * sizes[2] + pos[..., 2])
+    idx, wts = _corner_indices_and_weights(coords, sizes)
+    corner_labels = tf.gather(flat, idx)  # [8, B, d, h, w]
+    # Score of corner n = total trilinear weight of all corners carrying the same label. The label with the
+    # highest score is exactly argmax_l of per-label trilinear interpolation of one-hot maps, without ever
+    # building a one-hot tensor (148 labels at 128^3 would need 1.2 GB).
+    same = tf.cast(tf.equal(corner_labels[:, None], corner_labels[None, :]), wts.dtype)  # [8, 8, ...]
+    scores = tf.reduce_sum(same * wts[None, :], axis=1)  # [8, B, d, h, w]
+    best = tf.argmax(scores, axis=0, output_type=tf.int32)
+    return tf.squeeze(tf.gather(tf.transpose(corner_labels, [1, 2, 3, 4, 0]), best[..., None],
+                                batch_dims=4), -1)
+
+
+_sample_linear_xla = tf.function(_sample_linear, jit_compile=True, reduce_retracing=True)
+
+
+def _linear(image, coords):
+    if _XLA:
+        return _sample_linear_xla(image, coords)
+    return _sample_linear(image, coords)
+
+
+# ------------------------------------------------------------------------------------------- public
+
+
+def identity_grid(shape, dtype=tf.float32) -> tf.Tensor:
+    """Voxel index grid ``[D, H, W, 3]`` (``ij`` order) for a spatial `shape` (list or 1-D tensor)."""
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    axes = [tf.range(shape[i], dtype=dtype) for i in range(3)]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def warp(image, flow) -> tf.Tensor:
+    """Backward (pull) warp: ``out[x] = image[x + flow[x]]``, trilinear, border-clamped.
+
+    Args:
+      image: ``[B, D, H, W, C]`` float tensor, any channel count (images, one-hot maps, flows).
+      flow: ``[B, D, H, W, 3]`` displacement in voxels, channel c along spatial axis c.
+
+    Returns:
+      ``[B, D, H, W, C]``, same dtype as `image`.
+
+    Raises:
+      ValueError: wrong rank, flow without 3 channels, or batch/spatial sizes that differ.
+    """
+    image = tf.convert_to_tensor(image)
+    flow = tf.convert_to_tensor(flow, dtype=image.dtype)
+    _check_image_flow(image, flow)
+    coords = identity_grid(tf.shape(flow)[1:4], flow.dtype)[None] + flow
+    return _linear(image, coords)
+
+
+def resample(image, coords) -> tf.Tensor:
+    """Trilinear sample of `image` ``[B, D, H, W, C]`` at absolute voxel positions `coords` ``[B, d, h, w, 3]``.
+
+    The output grid (d, h, w) may differ from the input grid: this is how volumes are resampled onto
+    another grid (for example from NIfTI world coordinates). Positions are border-clamped like `warp`.
+    """
+    image = tf.convert_to_tensor(image)
+    coords = tf.convert_to_tensor(coords, dtype=image.dtype)
+    _check_rank("image", image, 5, "[B, D, H, W, C]")
+    _check_rank("coords", coords, 5, "[B, d, h, w, 3]")
+    if coords.shape[-1] is not None and coords.shape[-1] != 3:
+        raise ValueError(f"coords: expected 3 channels, got shape {tuple(coords.shape)}")
+    _check_same("image", image, "coords", coords, (0,), "batch size")
+    return _linear(image, coords)
+
+
+def warp_labels(labels, flow, method: str = "linear", coords=None) -> tf.Tensor:
+    """Warps an integer label map without mixing labels.
+
+    Args:
+      labels: ``[B, D, H, W]`` or ``[B, D, H, W, 1]`` integer labels (any values; 0 is just another label).
+      flow: ``[B, D, H, W, 3]`` displacement in voxels (ignored when `coords` is given).
+      method: ``"linear"`` (default): at each output voxel, the label whose one-hot map has the largest
+        trilinear interpolation value, i.e. per-label trilinear warping followed by argmax, computed from the
+        8 neighbouring voxels without one-hot tensors (ties go to the lowest corner index).
+        ``"nearest"``: the label of the nearest voxel (cheaper, blockier).
+      coords: optional ``[B, d, h, w, 3]`` absolute sample positions instead of ``identity + flow``.
+
+    Returns:
+      int32 labels with the same rank as `labels`.
+    """
+    if method not in ("linear", "nearest"):
+        raise ValueError(f"method: expected 'linear' or 'nearest', got {method!r}")
+    labels = tf.convert_to_tensor(labels)
+    if not labels.dtype.is_integer:
+        raise ValueError(f"labels: expected an integer tensor, got dtype {labels.dtype.name}")
+    squeeze = labels.shape.rank == 5
+    if squeeze:
+        if labels.shape[-1] is not None and labels.shape[-1] != 1:
+            raise ValueError(f"labels: expected 1 channel, got shape {tuple(labels.shape)}")
+        labels = labels[..., 0]
+    _check_rank("labels", labels, 4, "[B, D, H, W] or [B, D, H, W, 1]")
+    labels = tf.cast(labels, tf.int32)
+    if coords is None:
+        flow = tf.convert_to_tensor(flow, tf.float32)
+        _check_flow(flow)
+        _check_same("labels", labels, "flow", flow, (0, 1, 2, 3), "batch and spatial sizes")
+        coords = identity_grid(tf.shape(flow)[1:4], flow.dtype)[None] + flow
+    else:
+        coords = tf.convert_to_tensor(coords, tf.float32)
+        _check_rank("coords", coords, 5, "[B, d, h, w, 3]")
+    out = _sample_labels(labels, coords, method)
+    return out[..., None] if squeeze else out
+
+
+def compose(prev, new) -> tf.Tensor:
+    """Total field of `prev` followed by `new`: ``new(x) + prev(x + new(x))``.
+
+    `prev` is the field applied first (aggregated so far), `new` the field predicted on the image already
+    warped by `prev`. Warping the original image with the result equals warping twice, up to interpolation.
+    """
+    prev = tf.convert_to_tensor(prev)
+    new = tf.convert_to_tensor(new, dtype=prev.dtype)
+    _check_flow(prev, "prev")
+    _check_flow(new, "new")
+    _check_same("prev", prev, "new", new, (0, 1, 2, 3), "batch and spatial sizes")
+    return new + warp(prev, new)
+
+
+def _centred_grid(shape, dtype):
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    centre = (tf.cast(shape, dtype) - 1.0) / 2.0
+    return identity_grid(shape, dtype) - centre
+
+
+def affine_to_flow(A, b, shape) -> tf.Tensor:
+    """Displacement field of the affine map ``x_c -> A x_c + b`` on centred voxel coordinates.
+
+    Args:
+      A: ``[B, 3, 3]`` matrix (row r = output axis r), b: ``[B, 3]`` translation in voxels.
+      shape: spatial size ``(D, H, W)`` of the grid.
+
+    Returns:
+      ``[B, D, H, W, 3]`` flow ``u(x) = (A - I) x_c + b``.
+    """
+    A = tf.convert_to_tensor(A)
+    b = tf.convert_to_tensor(b, dtype=A.dtype)
+    _check_rank("A", A, 3, "[B, 3, 3]")
+    _check_rank("b", b, 2, "[B, 3]")
+    if A.shape[1:] != (3, 3) and None not in A.shape[1:]:
+        raise ValueError(f"A: expected shape [B, 3, 3], got {tuple(A.shape)}")
+    if b.shape[-1] is not None and b.shape[-1] != 3:
+        raise ValueError(f"b: expected shape [B, 3], got {tuple(b.shape)}")
+    grid = _centred_grid(shape, A.dtype)  # [D, H, W, 3]
+    W = A - tf.eye(3, dtype=A.dtype)
+    return tf.einsum("bij,dhwj->bdhwi", W, grid) + b[:, None, None, None, :]
+
+
+def compose_affine(A, affine_flow, new) -> tf.Tensor:
+    """Exact composition of an affine first stage with a dense field predicted after it.
+
+    The affine stage maps ``x -> A x + b`` (its displacement `affine_flow`); `new` is predicted on the image
+    warped by it. The total displacement is ``affine_flow(x) + A new(x)``, with no interpolation.
+    """
+    A = tf.convert_to_tensor(A)
+    affine_flow = tf.convert_to_tensor(affine_flow, dtype=A.dtype)
+    new = tf.convert_to_tensor(new, dtype=A.dtype)
+    _check_rank("A", A, 3, "[B, 3, 3]")
+    _check_flow(affine_flow, "affine_flow")
+    _check_flow(new, "new")
+    return tf.einsum("bij,bdhwj->bdhwi", A, new) + affine_flow
+
+
+def sample_points(flow, points) -> tf.Tensor:
+    """The flow at sub-voxel `points` ``[B, P, 3]``: trilinear, zero outside the volume.
+
+    Outside the grid the field is treated as zero (the original's landmark sampler pads the flow with one
+    voxel of zeros), so a point half a voxel outside gets half the border value.
+
+    Returns:
+      ``[B, P, 3]`` displacements in voxels.
+    """
+    flow = tf.convert_to_tensor(flow)
+    points = tf.convert_to_tensor(points, dtype=flow.dtype)
+    _check_flow(flow)
+    _check_rank("points", points, 3, "[B, P, 3]")
+    if points.shape[-1] is not None and points.shape[-1] != 3:
+        raise ValueError(f"points: expected shape [B, P, 3], got {tuple(points.shape)}")
+    _check_same("flow", flow, "points", points, (0,), "batch size")
+    padded = tf.pad(flow, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]])
+    coords = (points + 1.0)[:, :, None, None, :]  # [B, P, 1, 1, 3]
+    return _sample_linear(padded, coords)[:, :, 0, 0, :]
+
+
+def upsample_flow(flow, factor: int = 2) -> tf.Tensor:
+    """Resizes a flow by an integer `factor` (trilinear, voxel-centre aligned) and rescales its values.
+
+    A displacement of ``v`` voxels on the coarse grid is ``factor * v`` voxels on the fine grid; the fine voxel
+    ``i`` sits at coarse position ``(i + 0.5) / factor - 0.5``.
+    """
+    flow = tf.convert_to_tensor(flow)
+    _check_flow(flow)
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"factor: expected a positive integer, got {factor}")
+    if factor == 1:
+        return flow
+    shape = tf.shape(flow)
+    fine = shape[1:4] * factor
+    coords = (identity_grid(fine, flow.dtype) + 0.5) / float(factor) - 0.5
+    coords = tf.broadcast_to(coords[None], tf.concat([shape[:1], fine, [3]], 0))
+    return _linear(flow, coords) * float(factor)

@@ -1,0 +1,36 @@
+"""ldr-tf: light-weight deformable registration (LDR + ALDK) in TensorFlow 2 / Keras 3, for CPUs."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "ldr_tf" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="ldr-tf",
+    version=version,
+    description="Fast 3D deformable registration on CPU: RCN teacher, LDR student, ALDK distillation",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ldr_tf*", "networks*", "flags*", "tools*"]),
+    include_package_data=True,
+    package_data={"tools": ["serving/*.config", "serving/*.yml", "serving/*.md"]},
+    install_requires=[
+        # CPU wheel by default. On a GPU host: `pip install tensorflow==2.21.0` then `pip install --no-deps -e .`
+        "tensorflow-cpu>=2.20,<2.22",
+        "keras>=3.12,<4",
+        "numpy>=1.26",
+        "h5py>=3.10",
+        "nibabel>=5.2",
+        "absl-py>=2.1",
+        "matplotlib>=3.8",  # report figures (Dice-vs-speed plot, slice comparisons, overlays)
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scipy>=1.11"],  # scipy: independent oracle for the warp tests
+        "serving": ["grpcio>=1.60", "tensorflow-serving-api>=2.20,<2.22"],
+        "peers": ["antspyx>=0.5"],
+    },
+)

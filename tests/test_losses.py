@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from ldr_tf import losses as L
+
+
+def test_correlation_identical_and_affine_related_images(rng):
+    a = rng.random((2, 6, 6, 6, 1)).astype(np.float32)
+    # exactly 1 - var / (var + 1e-6): the reference epsilon leaves ~1e-5 for variances ~0.08
+    np.testing.assert_allclose(L.correlation_loss(a, a, "none").numpy(), 0.0, atol=5e-5)
+    np.testing.assert_allclose(L.correlation_loss(a, 3 * a + 1, "none").numpy(), 0.0, atol=5e-5)
+    np.testing.assert_allclose(L.correlation_loss(a, 1 - a, "none").numpy(), 2.0, atol=5e-5)
+
+
+def test_correlation_matches_numpy_and_reductions(rng):
+    a = rng.random((3, 5, 5, 5, 1))
+    b = rng.random((3, 5, 5, 5, 1))
+    per = L.correlation_loss(a, b, "none").numpy()
+    ref = [1 - np.corrcoef(a[i].ravel(), b[i].ravel())[0, 1] for i in range(3)]
+    np.testing.assert_allclose(per, ref, atol=1e-4)  # the 1e-6 epsilon barely moves r here
+    np.testing.assert_allclose(L.correlation_loss(a, b).numpy(), per.sum(), rtol=1e-6)
+    np.testing.assert_allclose(L.correlation_loss(a, b, "mean").numpy(), per.mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        L.correlation_loss(a, b, "avg")
+
+
+def test_correlation_epsilon_on_constant_image():
+    a = np.ones((1, 4, 4, 4, 1), np.float32)
+    assert np.isfinite(L.correlation_loss(a, a).numpy())  # variances 0: eps keeps it finite (= 1)
+
+
+def test_smoothness_of_a_linear_ramp():
+    D, H, W = 6, 5, 4
+    flow = np.zeros((1, D, H, W, 3))
+    flow[..., 1] = 0.7 * np.arange(D)[:, None, None]  # channel 1 grows along axis 0
+    expected = 0.5 * 0.7 ** 2 * (D - 1) * H * W / (D * H * W * 3)
+    np.testing.assert_allclose(L.smoothness_loss(flow).numpy(), expected, rtol=1e-6)
+    assert L.smoothness_loss(np.ones((2, 4, 4, 4, 3)) * 5).numpy() == 0.0  # translations are free
+
+
+def test_affine_losses_on_rotation_and_scaling():
+    th = 0.4
+    R = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])[None]
+    np.testing.assert_allclose(L.affine_det_loss(R).numpy(), 0.0, atol=1e-10)
+    np.testing.assert_allclose(L.affine_ortho_loss(R).numpy(), 0.0, atol=1e-8)
+    S = np.diag([2.0, 1.0, 1.0])[None]
+    np.testing.assert_allclose(L.affine_det_loss(S).numpy(), 0.5, rtol=1e-6)
+    # eigenvalues of A^T A + eps: 4+eps, 1+eps, 1+eps
+    e = 1e-5
+    lam = np.array([4 + e, 1 + e, 1 + e])
+    ref = np.sum(lam + (1 + e) ** 2 / lam) - 6 * (1 + e)
+    np.testing.assert_allclose(L.affine_ortho_loss(S).numpy(), ref, rtol=1e-6)
+    both = np.concatenate([R, S])
+    np.testing.assert_allclose(L.affine_ortho_loss(both, "none").numpy(), [0, ref], atol=1e-7)
+    with pytest.raises(ValueError, match="A: expected"):
+        L.affine_det_loss(np.eye(3))
