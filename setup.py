@@ -26,6 +26,7 @@ setup(
         "h5py>=3.10",
         "nibabel>=5.2",
         "absl-py>=2.1",
+        "tensorboard>=2.20,<2.22",  # training summaries (tf.summary needs it; tensorflow-cpu does not pull it in)
         "matplotlib>=3.8",  # report figures (Dice-vs-speed plot, slice comparisons, overlays)
     ],
     extras_require={

@@ -191,6 +191,10 @@ def load_descriptor(path: str | os.PathLike, check_files: bool = True) -> Descri
 def _atomic_target(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp creates 0600; give the final file the mode a plain open() would (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 
@@ -249,6 +253,11 @@ class H5Writer:
             grp.create_dataset("point", data=pts)
         for k, v in (attrs or {}).items():
             grp.attrs[k] = v
+
+    def set_attrs(self, attrs: dict) -> None:
+        """Sets file-level (root group) attributes, e.g. the parameters a generated file was made with."""
+        for k, v in attrs.items():
+            self._h5.attrs[k] = v
 
     def close(self) -> None:
         self._h5.close()

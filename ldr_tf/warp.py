@@ -38,6 +38,7 @@ __all__ = [
     "sample_points",
     "identity_grid",
     "upsample_flow",
+    "invert_flow",
     "set_xla_warp",
     "xla_warp_enabled",
 ]
@@ -174,9 +175,10 @@ _sample_linear_xla = tf.function(_sample_linear, jit_compile=True, reduce_retrac
 
 
 def _linear(image, coords):
-    if _XLA:
-        return _sample_linear_xla(image, coords)
-    return _sample_linear(image, coords)
+    out = _sample_linear_xla(image, coords) if _XLA else _sample_linear(image, coords)
+    # The XLA call loses static shapes inside tf.function; restore what is known: [B, d, h, w] + [C].
+    out.set_shape(coords.shape[:-1].concatenate(image.shape[-1:]))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- public
@@ -360,3 +362,29 @@ def upsample_flow(flow, factor: int = 2) -> tf.Tensor:
     coords = (identity_grid(fine, flow.dtype) + 0.5) / float(factor) - 0.5
     coords = tf.broadcast_to(coords[None], tf.concat([shape[:1], fine, [3]], 0))
     return _linear(flow, coords) * float(factor)
+
+
+def invert_flow(flow, iterations: int = 20) -> tf.Tensor:
+    """Inverse of a displacement field by fixed-point iteration.
+
+    Returns ``v`` such that ``x -> x + v(x)`` inverts ``x -> x + u(x)``, i.e. ``v(x) = -u(x + v(x))`` (equivalently
+    ``compose(flow, v) == v + u(x + v) ~ 0``, and warping an image warped by `flow` with ``v`` gives it back). The
+    iteration ``v <- -u(x + v)`` starts at ``v = -u`` and converges when ``u`` is a contraction (its spatial
+    derivatives stay well below 1, true for smooth fields that do not fold). Samples of ``u`` are border-clamped
+    like `warp`, so the inverse is approximate where ``x + v(x)`` leaves the grid.
+
+    Args:
+      flow: ``[B, D, H, W, 3]`` displacement ``u`` in voxels.
+      iterations: number of fixed-point steps (each costs one `warp` of a 3-channel field); 0 returns ``-u``.
+
+    Returns:
+      ``[B, D, H, W, 3]`` displacement ``v`` in voxels.
+    """
+    flow = tf.convert_to_tensor(flow)
+    _check_flow(flow)
+    if int(iterations) != iterations or iterations < 0:
+        raise ValueError(f"iterations: expected a non-negative integer, got {iterations}")
+    inv = -flow
+    for _ in range(int(iterations)):
+        inv = -warp(flow, inv)
+    return inv

@@ -1,0 +1,90 @@
+"""Flags of ``python -m ldr_tf.train`` (defined here, read only in ``ldr_tf.train.main``).
+
+Defaults reproduce the paper's setup (128^3, batch 4, Adam 1e-4, 100k steps, RCN's step schedule).
+``--preset=demo`` swaps in small values for every flag not given on the command line.
+"""
+
+from absl import flags
+
+from flags import common_flags
+
+PRESETS = {
+    # What `make demo` uses: 64^3 synthetic data, narrow teacher, minutes on 2 cores.
+    "demo": dict(
+        dataset="demo", image_size=64, batch=2, steps=600, channels=8, cascades=1,
+        val_every=200, val_pairs=8, checkpoint_every=200, log_every=20, lr_schedule="constant",
+    ),
+    # A few steps at 64^3 (the smallest grid of the VTN teacher): used by the tests and for smoke-checking an installation.
+    "smoke": dict(
+        dataset="demo", image_size=64, batch=1, steps=2, channels=4, cascades=1,
+        val_every=2, val_pairs=2, checkpoint_every=1, log_every=1, lr_schedule="constant",
+    ),
+}
+
+
+def define_train_flags() -> None:
+    """Defines every training flag (idempotent)."""
+    if "model" in flags.FLAGS:
+        return
+    common_flags.define_data_flags()
+    common_flags.define_runtime_flags()
+    flags.DEFINE_enum("model", "teacher", ["teacher", "student"], "What to train.")
+    flags.DEFINE_enum("preset", None, sorted(PRESETS), "Small-value presets for flags not set explicitly.")
+    flags.DEFINE_integer("cascades", 3, "Number N of dense cascades (VTN stems for the teacher, LDR for the student).")
+    flags.DEFINE_enum(
+        "affine", "auto", ["auto", "vtn", "lite", "none"],
+        "Affine first stage: vtn (VTN affine subnetwork), lite (the light stem), none. auto = vtn for the teacher, "
+        "lite for the student.",
+    )
+    flags.DEFINE_bool("identity_init", True,
+                      "Start every stage at the identity (zero affine head, near-zero VTN flow head); "
+                      "--noidentity_init keeps the original's random initial affine and large initial VTN flows.")
+    flags.DEFINE_integer("channels", 16, "VTN width (16 = the reference network; 8 or 4 for small runs).")
+    flags.DEFINE_enum("student_stem", "ldr", ["ldr", "ldr_released"],
+                      "ldr = the student as the paper describes it; ldr_released = the original code's variant.")
+    flags.DEFINE_string("student_head", None,
+                        "How the student reaches full resolution: deconv | upsample (default: networks' default).")
+    flags.DEFINE_integer("batch", 4, "Pairs per step (global batch under a distribution strategy).")
+    flags.DEFINE_integer("steps", 100_000, "Training steps (student updates for --model=student).")
+    flags.DEFINE_float("lr", 1e-4, "Adam learning rate (base).")
+    flags.DEFINE_enum(
+        "lr_schedule", "step", ["step", "constant", "cosine"],
+        "step: RCN's schedule, 1e-4 for the first 3/5 of training then halved every 1/5; constant; cosine decay to 0.",
+    )
+    flags.DEFINE_float("reg_weight", 1.0, "Weight of the smoothness loss of every dense stem.")
+    flags.DEFINE_float("affine_weight", 0.1, "Weight of the affine determinant and orthogonality losses.")
+    flags.DEFINE_bool("augment", True, "Random B-spline deformation of the moving image during training.")
+    # Student / distillation
+    flags.DEFINE_string("teacher", None,
+                        "Teacher for --model=student: a training run directory (checkpoint) or an exported SavedModel.")
+    flags.DEFINE_string("teacher_cache", None,
+                        "Precomputed teacher flows (python -m ldr_tf.distill) instead of running the teacher.")
+    flags.DEFINE_bool("aldk", True, "Adversarial learning with distilling knowledge (student only). "
+                                    "--noaldk trains the same student on the reconstruction loss alone (ablation).")
+    flags.DEFINE_float("gamma", 0.3, "L_adv = gamma * l_rec + (1 - gamma) * l_dis.")
+    flags.DEFINE_float("lambda_gp", 0.1, "Weight of the critic's gradient penalty.")
+    flags.DEFINE_float("beta", 0.1, "Joint deformation phi_hat = beta * phi_t + (1 - beta) * phi_s.")
+    flags.DEFINE_integer("critic_steps", 1, "Critic updates after each student update that trains the critic.")
+    flags.DEFINE_integer("critic_every", 1, "Train the critic after every k-th student update.")
+    flags.DEFINE_float("critic_lr", None, "Critic learning rate (default: --lr).")
+    flags.DEFINE_enum("critic_output", "sigmoid", ["sigmoid", "linear"],
+                      "Critic output activation: sigmoid as in the paper, linear as in WGAN-GP.")
+    # Loop
+    flags.DEFINE_string("out_dir", None, "Run directory: config.json, checkpoints, TensorBoard logs.")
+    flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its latest checkpoint.")
+    flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints.")
+    flags.DEFINE_integer("val_every", 1000, "Steps between validations (Dice on validation pairs); 0 = never.")
+    flags.DEFINE_integer("val_pairs", 20, "Validation pairs per validation (0 = all).")
+    flags.DEFINE_integer("log_every", 50, "Steps between TensorBoard scalar summaries.")
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                      "tf.distribute strategy; multi_worker reads the cluster from $TF_CONFIG.")
+
+
+def apply_preset(flag_values=flags.FLAGS) -> None:
+    """Fills flags that were not given on the command line from ``--preset``."""
+    name = flag_values.preset
+    if not name:
+        return
+    for key, value in PRESETS[name].items():
+        if not flag_values[key].present:
+            flag_values[key].value = value

@@ -1,0 +1,32 @@
+"""Shared command-line plumbing: one-line errors and non-zero exits instead of tracebacks for bad input."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+
+
+class UsageError(ValueError):
+    """A problem with the command line or its inputs, reported as one line."""
+
+
+def run(main, prog: str) -> None:
+    """``app.run(main)``, printing ``<prog>: error: <message>`` and exiting 1 for expected failures.
+
+    Expected failures are ValueError (bad arguments, bad files: `ldr_tf.dataset.DatasetError`, ...), OSError
+    (unreadable / unwritable paths) and KeyboardInterrupt (exit 130 after the caller saved what it could).
+    """
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{prog}: interrupted\n")
+            sys.exit(130)
+        except (ValueError, OSError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            sys.stderr.write(f"{prog}: error: {msg}\n")
+            sys.exit(1)
+
+    app.run(wrapped)

@@ -1,0 +1,116 @@
+"""The frozen configuration of a training run, written to ``<out_dir>/config.json`` before training starts.
+
+Flags are read once in ``ldr_tf.train.main`` and frozen into a `TrainConfig`; everything downstream (the trainer,
+``ldr_tf.export``, ``ldr_tf.distill``) reads the run directory's ``config.json`` instead of flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["TrainConfig", "save_json_atomic", "load_run_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = "teacher"  # teacher | student
+    dataset: str = "liver"
+    dataset_path: str = ""  # resolved descriptor path
+    data_dir: str | None = None
+    image_size: int | None = None
+    cascades: int = 3
+    affine: str = "vtn"
+    channels: int = 16
+    identity_init: bool = True
+    student_stem: str = "ldr"
+    student_head: str | None = None
+    batch: int = 4
+    steps: int = 100_000
+    lr: float = 1e-4
+    lr_schedule: str = "step"
+    reg_weight: float = 1.0
+    affine_weight: float = 0.1
+    augment: bool = True
+    teacher: str | None = None
+    teacher_cache: str | None = None
+    aldk: bool = True
+    gamma: float = 0.3
+    lambda_gp: float = 0.1
+    beta: float = 0.1
+    critic_steps: int = 1
+    critic_every: int = 1
+    critic_lr: float | None = None
+    critic_output: str = "sigmoid"
+    out_dir: str = ""
+    checkpoint_every: int = 1000
+    val_every: int = 1000
+    val_pairs: int = 20
+    log_every: int = 50
+    strategy: str = "default"
+    seed: int = 0
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.model == "student" and self.aldk
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.model == "student" and self.aldk
+
+    def validate(self) -> None:
+        """Raises ValueError for inconsistent settings, naming the flag."""
+        if self.cascades < 1:
+            raise ValueError(f"--cascades must be >= 1, got {self.cascades}")
+        if self.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {self.batch}")
+        if self.steps < 0:
+            raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"--gamma must lie in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"--beta must lie in [0, 1], got {self.beta}")
+        if self.critic_steps < 1 or self.critic_every < 1:
+            raise ValueError("--critic_steps and --critic_every must be >= 1")
+        if self.uses_teacher and not (self.teacher or self.teacher_cache):
+            raise ValueError("--model=student with ALDK needs --teacher (run dir or SavedModel) or --teacher_cache "
+                             "(python -m ldr_tf.distill); use --noaldk for the reconstruction-only student")
+        if not self.out_dir:
+            raise ValueError("--out_dir is required")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def save_json_atomic(obj, path: str | os.PathLike) -> None:
+    """Writes JSON to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_run_config(run_dir: str | os.PathLike) -> dict:
+    """Reads ``<run_dir>/config.json`` (keys: "train", "network", "preprocessing"). One-line error if absent."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not a training run directory (no config.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable run config ({e})") from None

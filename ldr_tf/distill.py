@@ -1,0 +1,103 @@
+"""``python -m ldr_tf.distill``: precompute the teacher's deformations of the training pairs (a teacher-flow cache).
+
+The cache is one HDF5 file (format: `ldr_tf.teacher.TeacherCache`): the teacher's final flow of every training
+pair, float16, gzip-compressed, keyed ``"<fixed>-<moving>"``. The student then trains with
+``--teacher_cache=<file>`` instead of running the teacher at every step; flows of augmented pairs are derived from
+the cached ones exactly (``ldr_tf.teacher.map_to_augmented``), so the student always learns from the deformation
+of the pair it sees.
+
+Example::
+
+    python -m ldr_tf.distill --teacher=runs/teacher --dataset=demo --out=runs/teacher/flows.h5
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+
+from flags import common_flags
+from ldr_tf import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    if "teacher" in FLAGS:
+        return
+    common_flags.define_data_flags()
+    common_flags.define_runtime_flags()
+    flags.DEFINE_string("teacher", None, "Teacher: a training run directory or an exported SavedModel.")
+    flags.DEFINE_string("subset", "1", "Scheme or subset whose pairs are cached (default: training scheme 1).")
+    flags.DEFINE_string("out", None, "Output HDF5 file.")
+    flags.DEFINE_integer("batch", 1, "Pairs per teacher call.")
+    flags.DEFINE_integer("max_pairs", 0, "Cache only the first N pairs (0 = all).")
+
+
+def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", batch: int = 1,
+                max_pairs: int = 0, progress: bool = True) -> dict:
+    """Runs the teacher on every pair of `subset` and writes the cache atomically. Returns a small report."""
+    import h5py
+    import keras
+    import tensorflow as tf
+
+    from ldr_tf.pairs import make_pair_dataset, pairs_for
+    from ldr_tf.teacher import load_registration_fn, pair_key
+
+    out = Path(out)
+    fn, info = load_registration_fn(teacher)
+    size = info["image_size"] or tuple(desc.image_size)
+    pairs = pairs_for(desc, subset)
+    n = min(len(pairs), max_pairs) if max_pairs else len(pairs)
+    ds = make_pair_dataset(desc, subset, batch_size=1, augment=False, shuffle=False, repeat=False,
+                           image_size=size).take(n).rebatch(batch)
+    call = tf.function(fn) if info["kind"] == "checkpoint" else fn
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    bar = keras.utils.Progbar(n, verbose=1 if progress else 0)
+    t0, done = time.perf_counter(), 0
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs.update({"teacher": str(teacher), "dataset": str(desc.path), "subset": subset,
+                             "image_size": list(size), "dtype": "float16", "units": "voxels of the grid"})
+            for b in ds:
+                flows = call(tf.concat([b["fixed"], b["moving"]], -1)).numpy().astype(np.float16)
+                for i in range(flows.shape[0]):
+                    key = pair_key(b["id1"][i].numpy().decode(), b["id2"][i].numpy().decode())
+                    h5.create_dataset(key, data=flows[i], compression="gzip", compression_opts=4,
+                                      chunks=(min(16, size[0]),) + tuple(size[1:]) + (3,))
+                done += flows.shape[0]
+                bar.update(done)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    nbytes = out.stat().st_size
+    return {"pairs": done, "bytes": nbytes, "bytes_per_pair": nbytes / max(done, 1),
+            "seconds": time.perf_counter() - t0, "image_size": list(size)}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.teacher or not FLAGS.out:
+        raise cli.UsageError("--teacher and --out are required")
+    common_flags.apply_runtime_flags(FLAGS)
+    from ldr_tf.train import open_dataset
+
+    desc = open_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+    rep = build_cache(FLAGS.teacher, desc, FLAGS.out, FLAGS.subset, FLAGS.batch, FLAGS.max_pairs)
+    print(f"cached {rep['pairs']} teacher flows ({'x'.join(map(str, rep['image_size']))}) in {rep['seconds']:.0f} s: "
+          f"{FLAGS.out}, {rep['bytes'] / 2**20:.1f} MiB ({rep['bytes_per_pair'] / 2**20:.2f} MiB per pair)")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, "ldr_tf.distill")

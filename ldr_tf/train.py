@@ -1,0 +1,168 @@
+"""``python -m ldr_tf.train``: train the RCN teacher, or the light-weight student with or without ALDK.
+
+Examples::
+
+    python -m ldr_tf.train --model=teacher --cascades=3 --dataset=liver --out_dir=runs/teacher
+    python -m ldr_tf.train --model=student --cascades=3 --dataset=liver --teacher=runs/teacher --out_dir=runs/student
+    python -m ldr_tf.train --model=student --noaldk ... --out_dir=runs/student-noaldk      # the ablation
+    python -m ldr_tf.train --preset=demo --model=teacher --out_dir=/tmp/t                 # small, minutes on 2 cores
+
+Writes ``<out_dir>/config.json`` first, then checkpoints (``checkpoints/``), TensorBoard logs (``logs/``) and
+``summary.json`` at the end. ``--resume`` continues a run exactly from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from absl import flags, logging
+
+from flags import common_flags, train_flags
+from ldr_tf import __version__, cli
+from ldr_tf.config import TrainConfig, load_run_config, save_json_atomic
+
+FLAGS = flags.FLAGS
+# Flags that may change when a run is resumed; any other flag given with --resume must match the saved run.
+RESUMABLE = {"steps", "checkpoint_every", "val_every", "val_pairs", "log_every", "resume", "threads",
+             "inter_threads", "xla_warp", "data_dir"}
+
+
+def config_from_flags(flag_values=FLAGS) -> TrainConfig:
+    """Freezes the training flags into a TrainConfig (presets applied, affine 'auto' resolved)."""
+    fv = flag_values
+    affine = fv.affine
+    if affine == "auto":
+        affine = "vtn" if fv.model == "teacher" else "lite"
+    return TrainConfig(
+        model=fv.model, dataset=fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size, cascades=fv.cascades,
+        affine=affine, channels=fv.channels, identity_init=fv.identity_init, student_stem=fv.student_stem, student_head=fv.student_head,
+        batch=fv.batch, steps=fv.steps, lr=fv.lr, lr_schedule=fv.lr_schedule, reg_weight=fv.reg_weight,
+        affine_weight=fv.affine_weight, augment=fv.augment, teacher=fv.teacher, teacher_cache=fv.teacher_cache,
+        aldk=fv.aldk, gamma=fv.gamma, lambda_gp=fv.lambda_gp, beta=fv.beta, critic_steps=fv.critic_steps,
+        critic_every=fv.critic_every, critic_lr=fv.critic_lr, critic_output=fv.critic_output,
+        out_dir=fv.out_dir or "", checkpoint_every=fv.checkpoint_every, val_every=fv.val_every,
+        val_pairs=fv.val_pairs, log_every=fv.log_every, strategy=fv.strategy, seed=fv.seed,
+    )
+
+
+def network_config(cfg: TrainConfig, image_size) -> dict:
+    """The CascadeConfig dict of the network a run trains."""
+    from networks.cascade import CascadeConfig
+
+    size = tuple(int(s) for s in image_size)
+    if cfg.model == "teacher":
+        net = CascadeConfig(stem="vtn", cascades=cfg.cascades, affine=cfg.affine, image_size=size,
+                            channels=cfg.channels, identity_init=cfg.identity_init)
+    else:
+        kwargs = dict(stem=cfg.student_stem, cascades=cfg.cascades, affine=cfg.affine, image_size=size,
+                      identity_init=cfg.identity_init)
+        if cfg.student_head:
+            kwargs["student_head"] = cfg.student_head
+        net = CascadeConfig(**kwargs)
+    return net.to_dict()
+
+
+def open_dataset(name: str, data_dir, image_size):
+    """Resolves --dataset (generating the synthetic demo data on first use) and loads its descriptor."""
+    from ldr_tf import dataset
+
+    if name in ("demo", "demo-brain"):
+        from ldr_tf import synthetic
+
+        synthetic.ensure_demo_dataset(name, data_dir=data_dir, size=image_size or 64)
+    return dataset.load_descriptor(dataset.resolve_dataset(name, data_dir))
+
+
+def make_strategy(name: str):
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.MirroredStrategy([d.name for d in gpus] or ["/cpu:0"])
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"--strategy: unknown strategy {name!r}")
+
+
+def _resume_config(out_dir: Path, flag_values) -> TrainConfig:
+    saved = TrainConfig.from_dict(load_run_config(out_dir)["train"])
+    given = config_from_flags(flag_values).to_dict()
+    updates, conflicts = {}, []
+    for name, value in given.items():
+        if name not in flag_values or not flag_values[name].present or name == "out_dir":
+            continue
+        if name in RESUMABLE:
+            updates[name] = value
+        elif value != getattr(saved, name):
+            conflicts.append(f"--{name}={value} (run has {getattr(saved, name)})")
+    if conflicts:
+        raise ValueError(f"{out_dir}: --resume with settings that differ from the saved run: {', '.join(conflicts)}")
+    return TrainConfig.from_dict({**saved.to_dict(), **updates})
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    train_flags.apply_preset(FLAGS)
+    common_flags.apply_runtime_flags(FLAGS)
+    if not FLAGS.out_dir:
+        raise cli.UsageError("--out_dir is required")
+    out_dir = Path(FLAGS.out_dir)
+    if FLAGS.resume:
+        cfg = _resume_config(out_dir, FLAGS)
+    else:
+        if (out_dir / "checkpoints" / "checkpoint").exists():
+            raise cli.UsageError(f"{out_dir} already holds a run; add --resume to continue it or pick another --out_dir")
+        cfg = config_from_flags(FLAGS)
+    cfg.validate()
+
+    import tensorflow as tf  # noqa: F401  (after the runtime flags)
+
+    from ldr_tf.trainer import Trainer
+
+    desc = open_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
+    size = (cfg.image_size,) * 3 if cfg.image_size else tuple(desc.image_size)
+    net_cfg = network_config(cfg, size)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "dataset_path": str(desc.path)})
+    strategy = make_strategy(cfg.strategy)
+    trainer = Trainer(cfg, desc, net_cfg, strategy)
+    if trainer.chief:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_json_atomic({
+            "version": __version__,
+            "train": cfg.to_dict(),
+            "network": net_cfg,
+            "preprocessing": desc.extra.get("preprocessing"),
+            "dataset": {"path": str(desc.path), "image_type": desc.image_type, "image_size": list(size)},
+            "parameters": int(sum(int(v.numpy().size) for v in trainer.model.trainable_variables)),
+        }, out_dir / "config.json")
+    if cfg.model == "student":
+        what = "student with ALDK" if cfg.aldk else "student without ALDK (reconstruction loss only)"
+    else:
+        what = "teacher"
+    start = trainer.restore() if FLAGS.resume else 0
+    logging.info("training the %s: %d cascades, grid %s, %d parameters, steps %d -> %d, out_dir %s", what,
+                 cfg.cascades, size, sum(int(v.numpy().size) for v in trainer.model.trainable_variables),
+                 start, cfg.steps, out_dir)
+    t0 = time.perf_counter()
+    history = trainer.fit()
+    seconds = time.perf_counter() - t0
+    done = cfg.steps - start
+    summary = {"steps": cfg.steps, "seconds": seconds, "steps_per_s": done / seconds if seconds > 0 else None,
+               "last": history.get("train", {}), "validation": history["val"]}
+    if trainer.chief:
+        save_json_atomic(summary, out_dir / "summary.json")
+        last_val = history["val"][-1] if history["val"] else None
+        msg = f"done: {done} steps in {seconds:.0f} s ({summary['steps_per_s'] or 0:.2f} steps/s)"
+        if last_val:
+            msg += f"; validation Dice {last_val['dice']:.4f} (before registration {last_val['dice_before']:.4f})"
+        print(msg, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    train_flags.define_train_flags()
+    cli.run(main, "ldr_tf.train")

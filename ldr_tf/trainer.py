@@ -1,0 +1,333 @@
+"""The training loop: teacher (unsupervised RCN), student without ALDK (ablation) and student with ALDK.
+
+One ``tf.function`` step per student/teacher update, run through ``strategy.run`` so the same code serves the
+default strategy, ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy``; Python does checkpoints, validation,
+summaries and the progress bar between steps.
+
+Losses (per sample, then summed over the batch as in the reference; see `ldr_tf.losses`):
+
+* teacher / student without ALDK: ``l_rec + reg_weight * sum_k smooth(u_k) + affine_weight * (det + ortho)``;
+* student with ALDK: ``gamma * l_rec + (1 - gamma) * l_dis + reg_weight * sum_k smooth(u_k) + affine_weight *
+  (det + ortho)``, then after every ``critic_every``-th student update, ``critic_steps`` critic updates on the flows
+  of that same batch (`ldr_tf.aldk`).
+
+The data stream is a pure function of (seed, element index), so the data position of a run is its step: a
+resumed run continues exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from ldr_tf import aldk, losses, metrics
+from ldr_tf import teacher as teacher_lib
+from ldr_tf import warp as warp_ops
+from ldr_tf.config import TrainConfig
+from ldr_tf.runs import CHECKPOINT_DIR, build_network
+
+__all__ = ["RCNStepSchedule", "make_schedule", "Trainer", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite."""
+
+
+@keras.saving.register_keras_serializable(package="ldr_tf")
+class RCNStepSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """RCN's schedule: `base` for the first 3/5 of training, then halved at every further fifth."""
+
+    def __init__(self, base: float, total_steps: int):
+        self.base = float(base)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        fifth = tf.floor(step * 5.0 / float(max(self.total_steps, 1)))
+        return self.base * tf.pow(0.5, tf.maximum(0.0, fifth - 2.0))
+
+    def get_config(self):
+        return {"base": self.base, "total_steps": self.total_steps}
+
+
+def make_schedule(kind: str, base: float, total_steps: int):
+    if kind == "constant":
+        return base
+    if kind == "step":
+        return RCNStepSchedule(base, total_steps)
+    if kind == "cosine":
+        return keras.optimizers.schedules.CosineDecay(base, max(total_steps, 1))
+    raise ValueError(f"--lr_schedule: unknown schedule {kind!r}")
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+
+
+class Trainer:
+    """Builds models, optimizers, data and checkpoints for one run, and trains.
+
+    Args:
+      cfg: the frozen run configuration.
+      descriptor: the dataset (``ldr_tf.dataset.Descriptor``).
+      network_config: a ``CascadeConfig`` dict for the model being trained.
+      strategy: a ``tf.distribute.Strategy`` (the default strategy when None).
+    """
+
+    def __init__(self, cfg: TrainConfig, descriptor, network_config: dict, strategy=None):
+        self.cfg = cfg
+        self.desc = descriptor
+        self.network_config = network_config
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.chief = _is_chief(self.strategy)
+        self.image_size = tuple(network_config["image_size"])
+        self.out_dir = Path(cfg.out_dir)
+        self.teacher_fn = None
+        self.cache = None
+
+        keras.utils.set_random_seed(cfg.seed)
+        with self.strategy.scope():
+            # The model is built first so its initial weights depend on the seed only (same with and without ALDK).
+            self.model = build_network(network_config)
+            self.optimizer = keras.optimizers.Adam(make_schedule(cfg.lr_schedule, cfg.lr, cfg.steps))
+            self.optimizer.build(self.model.trainable_variables)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            objects = dict(step=self.step, model=self.model, optimizer=self.optimizer)
+            if cfg.uses_critic:
+                from networks.critic import Critic
+
+                self.critic = Critic(output_activation=cfg.critic_output)
+                self.critic(tf.zeros([1, *self.image_size, 3]))
+                self.critic_optimizer = keras.optimizers.Adam(cfg.critic_lr or cfg.lr)
+                self.critic_optimizer.build(self.critic.trainable_variables)
+                objects.update(critic=self.critic, critic_optimizer=self.critic_optimizer)
+            if cfg.uses_teacher and not cfg.teacher_cache:
+                self.teacher_fn, info = teacher_lib.load_registration_fn(cfg.teacher)
+                if info["image_size"] and tuple(info["image_size"]) != self.image_size:
+                    raise ValueError(f"--teacher {cfg.teacher}: grid {info['image_size']} differs from the "
+                                     f"student's {self.image_size}")
+        if cfg.uses_teacher and cfg.teacher_cache:
+            self.cache = teacher_lib.TeacherCache(cfg.teacher_cache)
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        ckpt_dir = self.out_dir / CHECKPOINT_DIR
+        if not self.chief:  # other workers must save too (collectives), into a scratch dir
+            ckpt_dir = self.out_dir / f".worker-{self.strategy.cluster_resolver.task_id}"
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(ckpt_dir), max_to_keep=3,
+                                                  checkpoint_name="ckpt")
+        self.writer = tf.summary.create_file_writer(str(self.out_dir / "logs")) if self.chief else None
+        self._train_step = tf.function(self._distributed_step)
+        self._forward = tf.function(self._forward_fn, reduce_retracing=True)
+        self._identity_dice = None
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def _train_dataset(self, start_step: int):
+        from ldr_tf.pairs import make_pair_dataset
+
+        cfg = self.cfg
+
+        def per_worker(ctx):
+            ds = make_pair_dataset(
+                self.desc, "1", batch_size=ctx.get_per_replica_batch_size(cfg.batch), seed=cfg.seed,
+                augment=cfg.augment, shuffle=True, repeat=True, start_step=start_step, input_context=ctx,
+                image_size=self.image_size,
+            )
+            if self.cache is not None:
+                ds = ds.map(self._add_cached_teacher_flow)
+            return ds
+
+        return self.strategy.distribute_datasets_from_function(per_worker)
+
+    def _add_cached_teacher_flow(self, batch):
+        flow = tf.numpy_function(self.cache.lookup_batch, [batch["id1"], batch["id2"]], tf.float32)
+        flow.set_shape(batch["aug_flow"].shape)
+        return {**batch, "teacher_flow": flow}
+
+    def _val_dataset(self):
+        from ldr_tf.pairs import make_pair_dataset
+
+        ds = make_pair_dataset(self.desc, "2", batch_size=1, seed=self.cfg.seed, augment=False, shuffle=False,
+                               repeat=False, image_size=self.image_size)
+        return ds.take(self.cfg.val_pairs) if self.cfg.val_pairs > 0 else ds
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _teacher_flow(self, batch, pair):
+        if self.cache is not None:
+            flow = batch["teacher_flow"]
+            if self.cfg.augment:
+                flow = teacher_lib.map_to_augmented(flow, batch["aug_flow"])
+            return flow
+        return tf.stop_gradient(self.teacher_fn(pair))
+
+    def _replica_step(self, batch, train_critic: bool):
+        cfg = self.cfg
+        fixed, moving = batch["fixed"], batch["moving"]
+        pair = tf.concat([fixed, moving], axis=-1)
+        phi_t = self._teacher_flow(batch, pair) if cfg.uses_teacher else None
+        with tf.GradientTape() as tape:
+            out = self.model(pair, training=True)
+            rec = losses.correlation_loss(fixed, out["warped"], "none")
+            regs = cfg.reg_weight * out["smoothness"] + cfg.affine_weight * (out["det_loss"] + out["ortho_loss"])
+            if cfg.uses_critic:
+                dis = aldk.discrimination_loss(self.critic, out["agg_flow"], phi_t)
+                per_sample = cfg.gamma * rec + (1.0 - cfg.gamma) * dis + regs
+            else:
+                per_sample = rec + regs
+            loss = tf.reduce_sum(per_sample)
+        variables = self.model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        logs = {
+            "loss": loss,
+            "rec": tf.reduce_sum(rec),
+            "smooth": tf.reduce_sum(out["smoothness"]),
+            "det": tf.reduce_sum(out["det_loss"]),
+            "ortho": tf.reduce_sum(out["ortho_loss"]),
+        }
+        if cfg.uses_critic:
+            logs["dis"] = tf.reduce_sum(dis)
+            logs["flow_gap"] = tf.reduce_sum(tf.sqrt(tf.reduce_mean(tf.square(out["agg_flow"] - phi_t), [1, 2, 3, 4])))
+        if train_critic:
+            phi_s = tf.stop_gradient(out["agg_flow"])
+            cvars = self.critic.trainable_variables
+            for _ in range(cfg.critic_steps):
+                with tf.GradientTape() as ctape:
+                    terms = aldk.critic_losses(self.critic, phi_s, phi_t, cfg.beta, cfg.lambda_gp)
+                    closs = tf.reduce_sum(terms["loss"])
+                cgrads = ctape.gradient(closs, cvars)
+                self.critic_optimizer.apply_gradients(zip(cgrads, cvars))
+            logs.update(
+                critic=closs,
+                d_student=tf.reduce_sum(terms["d_student"]),
+                d_teacher=tf.reduce_sum(terms["d_teacher"]),
+                gp=tf.reduce_sum(terms["gp"]),
+            )
+        return logs
+
+    def _distributed_step(self, batch, train_critic: bool):
+        per_replica = self.strategy.run(self._replica_step, args=(batch, train_critic))
+        # Sums over the global batch; divided by the batch size below for per-pair log values.
+        return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+    def _forward_fn(self, pair, moving_seg):
+        out = self.model(pair, training=False)
+        warped_seg = warp_ops.warp_labels(moving_seg, out["agg_flow"])
+        return out["agg_flow"], out["warped"], warped_seg
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint of this run directory, if any; returns the step."""
+        if self.manager.latest_checkpoint:
+            self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+            logging.info("restored %s (step %d)", self.manager.latest_checkpoint, int(self.step.numpy()))
+        return int(self.step.numpy())
+
+    def save(self) -> str:
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        if not self.chief:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
+        return path
+
+    def validate(self) -> dict:
+        """Mean Dice/Jaccard (over pairs; each pair = mean over the fixed map's labels), before and after."""
+        dice, jacc, before, images = [], [], [], None
+        for batch in self._val_dataset():
+            if not bool(batch["has_seg"][0]):
+                continue
+            pair = tf.concat([batch["fixed"], batch["moving"]], -1)
+            _, warped, warped_seg = self._forward(pair, batch["moving_seg"])
+            fixed_seg = batch["fixed_seg"][0].numpy()
+            r = metrics.label_overlap(fixed_seg, warped_seg[0].numpy())
+            dice.append(r["dice"])
+            jacc.append(r["jaccard"])
+            if self._identity_dice is None:
+                before.append(metrics.label_overlap(fixed_seg, batch["moving_seg"][0].numpy())["dice"])
+            if images is None:
+                mid = batch["fixed"].shape[1] // 2
+                images = tf.concat([batch["fixed"][:, mid], batch["moving"][:, mid], warped[:, mid]], axis=2)
+        if self._identity_dice is None and before:
+            self._identity_dice = float(np.nanmean(before))
+        if not dice:
+            return {}
+        return {"dice": float(np.nanmean(dice)), "jaccard": float(np.nanmean(jacc)),
+                "dice_before": self._identity_dice, "pairs": len(dice), "images": images}
+
+    def _summaries(self, step: int, scalars: dict, images=None) -> None:
+        if self.writer is None:
+            return
+        with self.writer.as_default(step=step):
+            for k, v in scalars.items():
+                if v is not None and np.isscalar(v):
+                    tf.summary.scalar(k, v)
+            if images is not None:
+                tf.summary.image("val/fixed_moving_warped", tf.clip_by_value(images, 0.0, 1.0))
+        self.writer.flush()
+
+    def fit(self, progress: bool = True) -> dict:
+        """Trains from the current step to ``cfg.steps``. Returns the last logs (per-pair means) and validation."""
+        cfg = self.cfg
+        start = int(self.step.numpy())
+        history = {"val": []}
+        if start >= cfg.steps:
+            logging.info("nothing to do: the run is at step %d of %d", start, cfg.steps)
+            return history
+        iterator = iter(self._train_dataset(start))
+        bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["loss", "rec", "dis", "critic", "steps/s"],
+                                  verbose=1 if (progress and self.chief) else 0)
+        bar.update(start)
+        t_last, n_last = time.perf_counter(), start
+        logs = {}
+        try:
+            for step in range(start, cfg.steps):
+                train_critic = cfg.uses_critic and (step + 1) % cfg.critic_every == 0
+                raw = self._train_step(next(iterator), train_critic)
+                self.step.assign_add(1)
+                logs = {k: float(v) / cfg.batch for k, v in raw.items()}
+                if not all(math.isfinite(v) for v in logs.values()):
+                    bad = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                    raise TrainingDiverged(
+                        f"a loss became NaN/inf at step {step + 1} ({bad}); the last good checkpoint is "
+                        f"{self.manager.latest_checkpoint or 'none'}; lower --lr or check the data"
+                    )
+                done = step + 1
+                now = time.perf_counter()
+                rate = (done - n_last) / max(now - t_last, 1e-9)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    lr = self.optimizer.learning_rate
+                    self._summaries(done, {**{f"train/{k}": v for k, v in logs.items()},
+                                           "train/lr": float(np.asarray(lr)), "train/steps_per_s": rate})
+                    t_last, n_last = now, done
+                if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps) and self.chief:
+                    val = self.validate()
+                    if val:
+                        history["val"].append({"step": done, **{k: v for k, v in val.items() if k != "images"}})
+                        self._summaries(done, {"val/dice": val["dice"], "val/jaccard": val["jaccard"],
+                                               "val/dice_before": val["dice_before"]}, val["images"])
+                        logging.info("step %d: validation Dice %.4f (before registration %.4f) on %d pairs",
+                                     done, val["dice"], val["dice_before"] or float("nan"), val["pairs"])
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    self.save()
+                shown = {k: logs[k] for k in ("loss", "rec", "dis", "critic") if k in logs}
+                bar.update(done, list(shown.items()) + [("steps/s", rate)])
+        except KeyboardInterrupt:
+            path = self.save()
+            logging.warning("interrupted at step %d; saved %s (resume with --resume)", int(self.step.numpy()), path)
+            raise
+        history["train"] = logs
+        return history

@@ -1,0 +1,210 @@
+"""Training: ALDK gradients reach critic and student, the gradient penalty, exact resume, the CLI, NaN stop."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ldr_tf import aldk
+from ldr_tf.config import TrainConfig
+from ldr_tf.dataset import load_descriptor
+from ldr_tf.synthetic import ensure_demo_dataset
+from ldr_tf.train import network_config
+from ldr_tf.trainer import Trainer, TrainingDiverged
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    ensure_demo_dataset("demo", data_dir=d, size=SIZE, subjects=5, progress=False)
+    return d
+
+
+def _cfg(out_dir, data_dir, **kw):
+    base = dict(model="student", dataset="demo", data_dir=str(data_dir), image_size=SIZE, cascades=1,
+                affine="none", batch=1, steps=2, lr=1e-3, lr_schedule="constant", aldk=False, out_dir=str(out_dir),
+                checkpoint_every=1, val_every=0, log_every=1, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(cfg, data_dir):
+    desc = load_descriptor(Path(data_dir) / "demo.json")
+    return Trainer(cfg, desc, network_config(cfg, (SIZE,) * 3))
+
+
+def _weights(model):
+    return [v.numpy().copy() for v in model.trainable_variables]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, data_dir):
+    """A tiny trained registration run used as the 'teacher' (any run directory can teach)."""
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = _cfg(out, data_dir, steps=1)
+    t = _trainer(cfg, data_dir)
+    from ldr_tf.config import save_json_atomic
+
+    save_json_atomic({"train": cfg.to_dict(), "network": t.network_config}, out / "config.json")
+    t.fit(progress=False)
+    return out
+
+
+def test_aldk_step_updates_student_and_critic_not_teacher(tmp_path, data_dir, teacher_run):
+    # the paper's sigmoid critic (with a linear output the last bias cancels out of D(phi_s) - D(phi_t))
+    cfg = _cfg(tmp_path / "s", data_dir, aldk=True, teacher=str(teacher_run))
+    t = _trainer(cfg, data_dir)
+    student0, critic0 = _weights(t.model), _weights(t.critic)
+    teacher0 = [v.numpy().copy() for v in t.teacher_fn.model.weights]
+    batch = next(iter(t._train_dataset(0)))
+    logs = t._train_step(batch, True)
+    assert all(np.isfinite(float(v)) for v in logs.values())
+    assert {"dis", "critic", "gp", "d_student", "d_teacher"} <= set(logs)
+    changed = [not np.array_equal(a, b.numpy()) for a, b in zip(student0, t.model.trainable_variables)]
+    assert all(changed), "every student variable must receive a gradient"
+    unchanged = [b.path for a, b in zip(critic0, t.critic.trainable_variables) if np.array_equal(a, b.numpy())]
+    assert not unchanged, f"every critic variable must receive a gradient: {unchanged}"
+    for a, b in zip(teacher0, t.teacher_fn.model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    # the student's gradient really contains the adversarial term: it differs from the reconstruction-only one
+    pair = tf.concat([batch["fixed"], batch["moving"]], -1)
+    phi_t = t.teacher_fn(pair)
+    with tf.GradientTape() as tape:
+        dis = tf.reduce_sum(aldk.discrimination_loss(t.critic, t.model(pair)["agg_flow"], phi_t))
+    grads = tape.gradient(dis, t.model.trainable_variables)
+    assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+
+def test_gradient_penalty_of_a_linear_critic_is_analytic(rng):
+    w = tf.constant(rng.standard_normal((1, 4, 4, 4, 3)).astype(np.float32) * 0.1)
+
+    def critic(flow, training=True):
+        return tf.reduce_sum(flow * w, axis=[1, 2, 3, 4])
+
+    phi = tf.constant(rng.standard_normal((2, 4, 4, 4, 3)).astype(np.float32))
+    expected = (np.linalg.norm(w.numpy()) - 1.0) ** 2
+    np.testing.assert_allclose(aldk.gradient_penalty(critic, phi).numpy(), [expected, expected], rtol=1e-5)
+
+
+def test_gradient_penalty_matches_finite_differences(rng):
+    from networks.critic import Critic
+
+    keras.utils.set_random_seed(0)
+    critic = Critic(channels=(2, 2, 2, 2, 2), output_activation="linear")
+    phi = tf.constant(rng.standard_normal((1, 32, 32, 32, 3)).astype(np.float32))
+    critic(phi)
+    gp = float(aldk.gradient_penalty(critic, phi)[0])
+    # The penalty uses the norm of g = dD/dphi. Along the unit direction v = g/|g| the directional derivative
+    # equals |g|, so a central finite difference along v must reproduce the penalty; a random direction u
+    # checks the gradient itself (<g, u>).
+    with tf.GradientTape() as tape:
+        tape.watch(phi)
+        score = critic(phi)
+    g = tape.gradient(score, phi)
+    v = g / tf.norm(g)
+    eps = 1e-2
+    fd = (float(critic(phi + eps * v)[0]) - float(critic(phi - eps * v)[0])) / (2 * eps)
+    np.testing.assert_allclose((fd - 1.0) ** 2, gp, rtol=2e-2, atol=1e-4)
+    u = tf.constant(rng.standard_normal(phi.shape).astype(np.float32))
+    u = u / tf.norm(u)
+    fd_u = (float(critic(phi + eps * u)[0]) - float(critic(phi - eps * u)[0])) / (2 * eps)
+    np.testing.assert_allclose(fd_u, float(tf.reduce_sum(g * u)), rtol=5e-2, atol=1e-4)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data_dir, teacher_run):
+    kw = dict(aldk=True, teacher=str(teacher_run), steps=4, critic_output="linear")
+    straight = _trainer(_cfg(tmp_path / "a", data_dir, **kw), data_dir)
+    straight.fit(progress=False)
+    first = _trainer(_cfg(tmp_path / "b", data_dir, **{**kw, "steps": 2}), data_dir)
+    first.fit(progress=False)
+    resumed = _trainer(_cfg(tmp_path / "b", data_dir, **kw), data_dir)
+    assert resumed.restore() == 2
+    resumed.fit(progress=False)
+    assert int(resumed.step.numpy()) == 4
+    for a, b in zip(straight.model.trainable_variables + straight.critic.trainable_variables,
+                    resumed.model.trainable_variables + resumed.critic.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert int(straight.optimizer.iterations.numpy()) == int(resumed.optimizer.iterations.numpy()) == 4
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, data_dir):
+    t = _trainer(_cfg(tmp_path / "n", data_dir, lr=1e12, steps=20, checkpoint_every=100), data_dir)
+    with pytest.raises(TrainingDiverged, match="became NaN/inf at step"):
+        t.fit(progress=False)
+
+
+def _run(args, env=None, timeout=240):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ldr_tf.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_two_steps_then_resume_and_refuse_overwrite(tmp_path, data_dir):
+    out = tmp_path / "run"
+    common = [f"--data_dir={data_dir}", "--dataset=demo", f"--image_size={SIZE}", "--model=student", "--noaldk",
+              "--affine=none", "--cascades=1", "--batch=1", "--val_every=2", "--val_pairs=2", f"--out_dir={out}"]
+    r = _run(common + ["--steps=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["steps"] == 2 and cfg["network"]["stem"] == "ldr"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["validation"] and 0 <= summary["validation"][-1]["dice"] <= 1
+    assert list((out / "logs").iterdir()), "TensorBoard events are written"
+    r = _run(common + ["--steps=2"])
+    assert r.returncode == 1 and "already holds a run" in r.stderr
+    r = _run(common + ["--steps=3", "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    r = _run(common + ["--steps=4", "--resume", "--cascades=2"])
+    assert r.returncode == 1 and "differ from the saved run" in r.stderr
+
+
+def test_cli_student_with_aldk_needs_a_teacher(tmp_path, data_dir):
+    r = _run([f"--data_dir={data_dir}", "--dataset=demo", "--model=student", f"--out_dir={tmp_path / 'x'}",
+              "--steps=1"])
+    assert r.returncode == 1 and "needs --teacher" in r.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_localhost(tmp_path, data_dir):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    out = tmp_path / "mw"
+    args = [f"--data_dir={data_dir}", "--dataset=demo", f"--image_size={SIZE}", "--model=student", "--noaldk",
+            "--affine=none", "--cascades=1", "--batch=2", "--steps=3", "--val_every=0", "--strategy=multi_worker",
+            f"--out_dir={out}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = []
+    for i in range(2):
+        e = {**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "ldr_tf.train", *args], cwd=REPO, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert (out / "checkpoints" / "checkpoint").exists()
+    assert not list(out.glob(".worker-*")), "the non-chief worker's scratch checkpoints are removed"
