@@ -43,8 +43,9 @@ def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", b
                 max_pairs: int = 0, progress: bool = True) -> dict:
     """Runs the teacher on every pair of `subset` and writes the cache atomically. Returns a small report."""
     import h5py
-    import keras
     import tensorflow as tf
+
+    from ldr_tf.progress import Progress
 
     from ldr_tf.pairs import make_pair_dataset, pairs_for
     from ldr_tf.teacher import load_registration_fn, pair_key
@@ -60,7 +61,7 @@ def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", b
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    bar = keras.utils.Progbar(n, verbose=1 if progress else 0)
+    bar = Progress(n, label="distill", unit="pair", enabled=progress)
     t0, done = time.perf_counter(), 0
     try:
         with h5py.File(tmp, "w") as h5:

@@ -79,8 +79,9 @@ def evaluate(registrar, desc, subset: str = "2", paired: bool = False, max_pairs
     `line_sink`, when given, receives each formatted line as soon as the pair is done (the rows themselves hold
     scalars only, so memory stays constant whatever the number of pairs).
     """
-    import keras
     import tensorflow as tf
+
+    from ldr_tf.progress import Progress
 
     from ldr_tf import warp
     from ldr_tf.pairs import make_pair_dataset, pairs_for
@@ -90,7 +91,7 @@ def evaluate(registrar, desc, subset: str = "2", paired: bool = False, max_pairs
     ds = make_pair_dataset(desc, subset, batch_size=1, augment=False, shuffle=False, repeat=False, paired=paired,
                            image_size=image_size or registrar.image_size).take(n)
     spacing = _spacing_lookup(desc)
-    bar = keras.utils.Progbar(n, verbose=1 if progress else 0, stateful_metrics=["dice"])
+    bar = Progress(n, label="evaluate", unit="pair", enabled=progress)
     rows, warm = [], False
     for i, batch in enumerate(ds):
         id1, id2 = batch["id1"][0].numpy().decode(), batch["id2"][0].numpy().decode()

@@ -296,9 +296,9 @@ def main(argv):
     info["path"] = str(FLAGS.model)
     predictor = Predictor(registrar, spec, info)
     warm = predictor.warmup() if FLAGS.warmup else None
-    import keras
+    from ldr_tf.progress import Progress
 
-    bar = keras.utils.Progbar(len(pairs), verbose=1 if len(pairs) > 1 else 0)
+    bar = Progress(len(pairs), label="predict", unit="pair", enabled=len(pairs) > 1)
     results = []
     for i, p in enumerate(pairs):
         dest = out_dir / p["name"] if p["name"] else out_dir

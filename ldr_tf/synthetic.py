@@ -614,9 +614,9 @@ def generate_demo_dataset(name: str, json_path, size=64, subjects: int | None = 
     jobs = ([("atlas", -1)] if spec.atlas else []) + [(k, i) for i, k in enumerate(keys)]
     bar = None
     if progress:
-        import keras
+        from ldr_tf.progress import Progress
 
-        bar = keras.utils.Progbar(len(jobs), unit_name="subject")
+        bar = Progress(len(jobs), label=f"generate {name}", unit="subject")
     with H5Writer(h5_path) as writer:
         writer.set_attrs({"synthetic": json.dumps(params, sort_keys=True)})
         for n, (key, index) in enumerate(jobs):

@@ -32,6 +32,7 @@ from ldr_tf import aldk, losses, metrics
 from ldr_tf import teacher as teacher_lib
 from ldr_tf import warp as warp_ops
 from ldr_tf.config import TrainConfig
+from ldr_tf.progress import Progress
 from ldr_tf.runs import CHECKPOINT_DIR, build_network
 
 __all__ = ["RCNStepSchedule", "make_schedule", "Trainer", "TrainingDiverged"]
@@ -288,8 +289,7 @@ class Trainer:
             logging.info("nothing to do: the run is at step %d of %d", start, cfg.steps)
             return history
         iterator = iter(self._train_dataset(start))
-        bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["loss", "rec", "dis", "critic", "steps/s"],
-                                  verbose=1 if (progress and self.chief) else 0)
+        bar = Progress(cfg.steps, label=f"train {cfg.model}", enabled=progress and self.chief, interval=30)
         bar.update(start)
         t_last, n_last = time.perf_counter(), start
         logs = {}
@@ -324,7 +324,7 @@ class Trainer:
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     self.save()
                 shown = {k: logs[k] for k in ("loss", "rec", "dis", "critic") if k in logs}
-                bar.update(done, list(shown.items()) + [("steps/s", rate)])
+                bar.update(done, list(shown.items()))
         except KeyboardInterrupt:
             path = self.save()
             logging.warning("interrupted at step %d; saved %s (resume with --resume)", int(self.step.numpy()), path)

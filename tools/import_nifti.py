@@ -312,9 +312,9 @@ def _where(x) -> str:
 def _progbar(n, enabled):
     if not enabled:
         return None
-    import keras  # noqa: PLC0415
+    from ldr_tf.progress import Progress  # noqa: PLC0415
 
-    return keras.utils.Progbar(n, unit_name="subject")
+    return Progress(n, label="import", unit="subject")
 
 
 def convert(subjects: list, spec: pp.Preprocessing, output, *, split: dict, h5_path=None, atlas: str | None = None,
