@@ -19,6 +19,9 @@ def run(main, prog: str) -> None:
     """
 
     def wrapped(argv):
+        import logging
+
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)  # TF's INFO chatter (signatures, savers)
         try:
             return main(argv)
         except KeyboardInterrupt:

@@ -117,9 +117,17 @@ def main(argv):
         if (out_dir / "checkpoints" / "checkpoint").exists():
             raise cli.UsageError(f"{out_dir} already holds a run; add --resume to continue it or pick another --out_dir")
         cfg = config_from_flags(FLAGS)
-    cfg.validate()
+    run(cfg, resume=FLAGS.resume)
+    return 0
 
-    import tensorflow as tf  # noqa: F401  (after the runtime flags)
+
+def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Trains one run described by `cfg` (what ``main`` does once the flags are frozen); returns the summary.
+
+    Writes ``config.json`` before the first step and ``summary.json`` at the end (chief only).
+    """
+    cfg.validate()
+    out_dir = Path(cfg.out_dir)
 
     from ldr_tf.trainer import Trainer
 
@@ -129,6 +137,7 @@ def main(argv):
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "dataset_path": str(desc.path)})
     strategy = make_strategy(cfg.strategy)
     trainer = Trainer(cfg, desc, net_cfg, strategy)
+    params = int(sum(int(v.numpy().size) for v in trainer.model.trainable_variables))
     if trainer.chief:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_json_atomic({
@@ -137,30 +146,30 @@ def main(argv):
             "network": net_cfg,
             "preprocessing": desc.extra.get("preprocessing"),
             "dataset": {"path": str(desc.path), "image_type": desc.image_type, "image_size": list(size)},
-            "parameters": int(sum(int(v.numpy().size) for v in trainer.model.trainable_variables)),
+            "parameters": params,
         }, out_dir / "config.json")
     if cfg.model == "student":
         what = "student with ALDK" if cfg.aldk else "student without ALDK (reconstruction loss only)"
     else:
         what = "teacher"
-    start = trainer.restore() if FLAGS.resume else 0
+    start = trainer.restore() if resume else 0
     logging.info("training the %s: %d cascades, grid %s, %d parameters, steps %d -> %d, out_dir %s", what,
-                 cfg.cascades, size, sum(int(v.numpy().size) for v in trainer.model.trainable_variables),
-                 start, cfg.steps, out_dir)
+                 cfg.cascades, size, params, start, cfg.steps, out_dir)
     t0 = time.perf_counter()
-    history = trainer.fit()
+    history = trainer.fit(progress=progress)
     seconds = time.perf_counter() - t0
     done = cfg.steps - start
-    summary = {"steps": cfg.steps, "seconds": seconds, "steps_per_s": done / seconds if seconds > 0 else None,
+    summary = {"model": what, "steps": cfg.steps, "seconds": seconds,
+               "steps_per_s": done / seconds if seconds > 0 and done > 0 else None, "parameters": params,
                "last": history.get("train", {}), "validation": history["val"]}
     if trainer.chief:
         save_json_atomic(summary, out_dir / "summary.json")
         last_val = history["val"][-1] if history["val"] else None
-        msg = f"done: {done} steps in {seconds:.0f} s ({summary['steps_per_s'] or 0:.2f} steps/s)"
+        msg = f"{what}: {done} steps in {seconds:.0f} s ({summary['steps_per_s'] or 0:.2f} steps/s)"
         if last_val:
             msg += f"; validation Dice {last_val['dice']:.4f} (before registration {last_val['dice_before']:.4f})"
         print(msg, flush=True)
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
