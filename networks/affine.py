@@ -63,8 +63,11 @@ class _AffineBase(keras.Model):
         feats = self._features(keras.KerasTensor(tuple(input_shape)))
         kernel = tuple(int(s) for s in feats.shape[1:4])
         init = "zeros" if self.identity_init else "lecun_uniform"
-        self.conv7_W = conv3d(9, kernel, padding="valid", use_bias=False, kernel_initializer=init, name="conv7_W")
-        self.conv7_b = conv3d(3, kernel, padding="valid", use_bias=False, kernel_initializer=init, name="conv7_b")
+        # the head is float32 whatever the encoder computes in (A and b need the precision)
+        self.conv7_W = conv3d(9, kernel, padding="valid", use_bias=False, kernel_initializer=init, name="conv7_W",
+                              dtype="float32")
+        self.conv7_b = conv3d(3, kernel, padding="valid", use_bias=False, kernel_initializer=init, name="conv7_b",
+                              dtype="float32")
         self.conv7_W(feats)
         self.conv7_b(feats)
         self.image_size = size

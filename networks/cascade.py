@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from ldr_tf import losses, warp
 from networks.affine import AffineLiteStem, AffineStem
-from networks.layers import check_divisible, spatial_size, track_layers
+from networks.layers import COMPUTE_DTYPES, check_divisible, dtype_policy, spatial_size, track_layers
 from networks.ldr import LDR, STUDENT_HEADS, LDRReleased
 from networks.vtn import VTN
 
@@ -56,6 +56,9 @@ class CascadeConfig:
       identity_init: start every stage at the identity: zero affine heads and a near-zero VTN flow head (the
         student's heads are near zero either way). False reproduces the original's random initial affine and
         large initial VTN flows.
+      compute_dtype: ``"float32"`` or ``"bfloat16"``: the stems' convolutions run in bfloat16 (weights stay
+        float32, so checkpoints are interchangeable); flow heads, affine heads, composition and warping stay
+        float32. Faster on CPUs with AVX-512 BF16 (see README "Performance").
     """
 
     stem: str = "vtn"
@@ -67,6 +70,7 @@ class CascadeConfig:
     student_head: str = "upsample"
     flow_multiplier: float = 1.0
     identity_init: bool = True
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         self.image_size = tuple(int(s) for s in self.image_size)
@@ -82,6 +86,8 @@ class CascadeConfig:
             raise ValueError(f"stem: expected one of {STEMS}, got {self.stem!r}")
         if self.affine not in AFFINES:
             raise ValueError(f"affine: expected one of {AFFINES}, got {self.affine!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.student_head not in STUDENT_HEADS:
             raise ValueError(f"student_head: expected one of {STUDENT_HEADS}, got {self.student_head!r}")
         if self.cascades < 0 or (self.cascades == 0 and self.affine == "none"):
@@ -152,15 +158,16 @@ class RecursiveCascade(keras.Model):
             raise ValueError(f"config: expected a CascadeConfig or its dict, got {type(config).__name__}")
         config.validate()
         self.config = dataclasses.replace(config)  # private copy
-        if config.affine == "vtn":
-            self.affine_stem = AffineStem(channels=config.channels, identity_init=config.identity_init,
-                                          name="affine_stem")
-        elif config.affine == "lite":
-            self.affine_stem = AffineLiteStem(identity_init=config.identity_init, name="affine_stem")
-        else:
-            self.affine_stem = None
-        # Attributes deform_stem_1..N (a Keras list would be invisible to tf.train.Checkpoint).
-        self._stem_names = track_layers(self, [_dense_stem(config, i + 1) for i in range(config.cascades)])
+        with dtype_policy(config.compute_dtype):  # the stems' layers take the compute dtype at construction
+            if config.affine == "vtn":
+                self.affine_stem = AffineStem(channels=config.channels, identity_init=config.identity_init,
+                                              name="affine_stem")
+            elif config.affine == "lite":
+                self.affine_stem = AffineLiteStem(identity_init=config.identity_init, name="affine_stem")
+            else:
+                self.affine_stem = None
+            # Attributes deform_stem_1..N (a Keras list would be invisible to tf.train.Checkpoint).
+            self._stem_names = track_layers(self, [_dense_stem(config, i + 1) for i in range(config.cascades)])
 
     @property
     def dense_stems(self) -> list:

@@ -13,6 +13,7 @@ by ``s``, and a bad size raises a one-line ``ValueError`` naming the allowed siz
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import keras
@@ -25,7 +26,11 @@ __all__ = [
     "spatial_size",
     "check_divisible",
     "track_layers",
+    "dtype_policy",
+    "COMPUTE_DTYPES",
 ]
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 LEAKY_SLOPE = 0.1  # tflearn leaky_relu default used by the RCN/LDR networks
 FLOW_INIT_STD = 1e-5  # std of the near-zero flow head of the LDR / VoxelMorph students
@@ -50,6 +55,7 @@ def conv3d(
     use_bias: bool = True,
     kernel_initializer="lecun_uniform",
     name: str | None = None,
+    dtype=None,
 ) -> keras.layers.Conv3D:
     """A 3D convolution with the reference conventions (SAME, lecun_uniform, zero bias).
 
@@ -61,6 +67,7 @@ def conv3d(
       use_bias: whether to add a (zero-initialised) bias.
       kernel_initializer: Keras initializer or its name.
       name: layer name.
+      dtype: Keras dtype policy (None = the current global policy; flow heads pass "float32").
 
     Returns:
       A ``keras.layers.Conv3D`` mapping ``[B, D, H, W, C_in]`` to ``[B, D/s, H/s, W/s, filters]`` (SAME).
@@ -75,6 +82,7 @@ def conv3d(
         kernel_initializer=kernel_initializer,
         bias_initializer="zeros",
         name=name,
+        dtype=dtype,
     )
 
 
@@ -86,6 +94,7 @@ def conv3d_transpose(
     use_bias: bool = False,
     kernel_initializer="lecun_uniform",
     name: str | None = None,
+    dtype=None,
 ) -> keras.layers.Conv3DTranspose:
     """A transposed 3D convolution (default 4^3, stride 2, no bias: the reference ``upconvolve``).
 
@@ -104,6 +113,7 @@ def conv3d_transpose(
         kernel_initializer=kernel_initializer,
         bias_initializer="zeros",
         name=name,
+        dtype=dtype,
     )
 
 
@@ -170,3 +180,17 @@ def track_layers(owner, layers) -> tuple:
         setattr(owner, layer.name, layer)
         names.append(layer.name)
     return tuple(names)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Layers constructed inside compute in `name`'s dtype: ``"float32"`` or ``"bfloat16"`` (Keras'
+    ``mixed_bfloat16``: float32 weights, bfloat16 convolutions). Restores the previous global policy on exit."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {name!r}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16" if name == "bfloat16" else "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)

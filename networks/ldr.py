@@ -31,12 +31,13 @@ STUDENT_HEADS = ("deconv", "upsample")
 
 
 def _flow_head_conv(kernel_size, transpose: bool, name: str):
-    """3-channel flow head: N(0, 1e-5) weights, zero bias, linear."""
+    """3-channel flow head: N(0, 1e-5) weights, zero bias, linear; always float32 (flows stay float32 even when the
+    rest of the network computes in bfloat16)."""
     if transpose:
         return conv3d_transpose(
-            3, kernel_size, 2, use_bias=True, kernel_initializer=near_zero_initializer(), name=name
+            3, kernel_size, 2, use_bias=True, kernel_initializer=near_zero_initializer(), name=name, dtype="float32"
         )
-    return conv3d(3, kernel_size, kernel_initializer=near_zero_initializer(), name=name)
+    return conv3d(3, kernel_size, kernel_initializer=near_zero_initializer(), name=name, dtype="float32")
 
 
 @keras.saving.register_keras_serializable(package="ldr_tf")

@@ -68,7 +68,8 @@ class VTN(keras.Model):
             self, [conv3d_transpose(f, activation="leaky_relu_01", name=f"deconv{k - 1}") for k, f in levels]
         )
         self.pred0 = conv3d_transpose(
-            3, kernel_initializer=near_zero_initializer() if self.identity_init else "lecun_uniform", name="pred0"
+            3, kernel_initializer=near_zero_initializer() if self.identity_init else "lecun_uniform", name="pred0",
+            dtype="float32",  # flows stay float32 when the rest computes in bfloat16
         )
         self._skips = ("conv5_1", "conv4_1", "conv3_1", "conv2", "conv1")
 
