@@ -32,6 +32,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "scipy>=1.11"],  # scipy: independent oracle for the warp tests
         "serving": ["grpcio>=1.60", "tensorflow-serving-api>=2.20,<2.22"],
-        "peers": ["antspyx>=0.5"],
+        "peers": ["antspyx>=0.6"],  # ANTs SyN for python -m ldr_tf.compare
     },
 )

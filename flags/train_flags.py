@@ -69,6 +69,9 @@ def define_train_flags() -> None:
     flags.DEFINE_float("critic_lr", None, "Critic learning rate (default: --lr).")
     flags.DEFINE_enum("critic_output", "sigmoid", ["sigmoid", "linear"],
                       "Critic output activation: sigmoid as in the paper, linear as in WGAN-GP.")
+    flags.DEFINE_enum("dis_loss", "feature", ["feature", "score"],
+                      "Student's discrimination loss: feature = squared difference of the critic's last feature "
+                      "maps (feature matching), score = squared difference of its mean scores M.")
     # Loop
     flags.DEFINE_string("out_dir", None, "Run directory: config.json, checkpoints, TensorBoard logs.")
     flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its latest checkpoint.")

@@ -11,9 +11,15 @@ with D a critic over deformations. It does not spell out the critic's own object
 * critic step: ``L_D = D(phi_s) - D(phi_t) + lambda * GP(phi_hat)`` -- the WGAN-GP critic objective, teacher flows
   playing "real" and student flows "fake" (the released code's sign), with the penalty at the paper's joint
   deformation phi_hat, its gradient taken with a GradientTape;
-* student step: ``l_dis = (D(phi_s) - D(phi_t))^2`` -- the paper's first term, pulling the student's critic score
-  to the teacher's; the gradient penalty regularises the critic only (for the student it would need second-order
-  gradients through D and constrains nothing the student controls).
+* student step, ``l_dis`` in one of two readings of the paper's ``|| D(phi_s) - D(phi_t) ||_2^2`` (``--dis_loss``):
+
+  - ``"feature"`` (default): D's output is the critic's last feature map F (its mean is the score M), and
+    ``l_dis = mean((F(phi_s) - F(phi_t))^2)`` over that map -- feature matching, which gives the student a
+    gradient for every feature the critic has learned to tell teacher and student deformations apart by;
+  - ``"score"``: ``l_dis = (M(phi_s) - M(phi_t))^2``, a single number per pair.
+
+  The gradient penalty regularises the critic only (for the student it would need second-order gradients
+  through D and constrains nothing the student controls).
 
 Each function takes the critic as a callable ``flow [B, D, H, W, 3] -> [B]``.
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["gradient_penalty", "critic_losses", "discrimination_loss", "joint_deformation"]
+__all__ = ["gradient_penalty", "critic_losses", "discrimination_loss", "joint_deformation", "DIS_LOSSES"]
 
 _NORM_EPS = 1e-12  # keeps the gradient of sqrt finite at a zero gradient
 
@@ -57,8 +63,19 @@ def critic_losses(critic, phi_s, phi_t, beta: float, lambda_gp: float) -> dict:
     return {"loss": d_s - d_t + lambda_gp * gp, "d_student": d_s, "d_teacher": d_t, "gp": gp}
 
 
-def discrimination_loss(critic, phi_s, phi_t) -> tf.Tensor:
-    """The student's ``l_dis = (D(phi_s) - D(phi_t))^2`` per sample; gradients reach phi_s (and so the student)."""
-    d_s = critic(phi_s, training=False)
-    d_t = critic(tf.stop_gradient(phi_t), training=False)
-    return tf.square(d_s - d_t)
+DIS_LOSSES = ("feature", "score")
+
+
+def discrimination_loss(critic, phi_s, phi_t, mode: str = "feature") -> tf.Tensor:
+    """The student's ``l_dis`` per sample (``[B]``); gradients reach phi_s (and so the student), not phi_t.
+
+    ``mode="feature"``: mean squared difference of the critic's last feature maps (``critic.features``);
+    ``mode="score"``: squared difference of the critic's scores.
+    """
+    phi_t = tf.stop_gradient(phi_t)
+    if mode == "feature":
+        diff = critic.features(phi_s, training=False) - critic.features(phi_t, training=False)
+        return tf.reduce_mean(tf.square(diff), axis=[1, 2, 3, 4])
+    if mode == "score":
+        return tf.square(critic(phi_s, training=False) - critic(phi_t, training=False))
+    raise ValueError(f"mode: expected one of {DIS_LOSSES}, got {mode!r}")

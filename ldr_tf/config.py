@@ -45,6 +45,7 @@ class TrainConfig:
     critic_every: int = 1
     critic_lr: float | None = None
     critic_output: str = "sigmoid"
+    dis_loss: str = "feature"
     out_dir: str = ""
     checkpoint_every: int = 1000
     val_every: int = 1000

@@ -185,7 +185,7 @@ class Trainer:
             rec = losses.correlation_loss(fixed, out["warped"], "none")
             regs = cfg.reg_weight * out["smoothness"] + cfg.affine_weight * (out["det_loss"] + out["ortho_loss"])
             if cfg.uses_critic:
-                dis = aldk.discrimination_loss(self.critic, out["agg_flow"], phi_t)
+                dis = aldk.discrimination_loss(self.critic, out["agg_flow"], phi_t, cfg.dis_loss)
                 per_sample = cfg.gamma * rec + (1.0 - cfg.gamma) * dis + regs
             else:
                 per_sample = rec + regs

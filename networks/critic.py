@@ -71,6 +71,12 @@ class Critic(keras.Model):
             x = getattr(self, name)(x)
         return x  # [B, D/32, H/32, W/32, channels[-1]]
 
+    def features(self, flow, training=False):
+        """The last layer's feature map ``[B, D/32, H/32, W/32, channels[-1]]`` (after its activation); the
+        critic's score M is its mean. ALDK's feature-matching discrimination loss compares these maps."""
+        self._check(flow.shape)
+        return self._features(flow)
+
     def _check(self, shape):
         check_divisible(spatial_size(shape, None, "Critic"), self.stride, "the critic")
 
