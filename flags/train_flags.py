@@ -62,16 +62,18 @@ def define_train_flags() -> None:
     flags.DEFINE_bool("aldk", True, "Adversarial learning with distilling knowledge (student only). "
                                     "--noaldk trains the same student on the reconstruction loss alone (ablation).")
     flags.DEFINE_float("gamma", 0.3, "L_adv = gamma * l_rec + (1 - gamma) * l_dis.")
-    flags.DEFINE_float("lambda_gp", 0.1, "Weight of the critic's gradient penalty.")
+    flags.DEFINE_float("lambda_gp", 10.0, "Weight of the critic's gradient penalty (the paper: 0.1, with its "
+                                          "sigmoid critic; 10 is WGAN-GP's, needed by the linear critic).")
     flags.DEFINE_float("beta", 0.1, "Joint deformation phi_hat = beta * phi_t + (1 - beta) * phi_s.")
     flags.DEFINE_integer("critic_steps", 1, "Critic updates after each student update that trains the critic.")
     flags.DEFINE_integer("critic_every", 1, "Train the critic after every k-th student update.")
     flags.DEFINE_float("critic_lr", None, "Critic learning rate (default: --lr).")
-    flags.DEFINE_enum("critic_output", "sigmoid", ["sigmoid", "linear"],
-                      "Critic output activation: sigmoid as in the paper, linear as in WGAN-GP.")
-    flags.DEFINE_enum("dis_loss", "feature", ["feature", "score"],
-                      "Student's discrimination loss: feature = squared difference of the critic's last feature "
-                      "maps (feature matching), score = squared difference of its mean scores M.")
+    flags.DEFINE_enum("critic_output", "linear", ["sigmoid", "linear"],
+                      "Critic output activation: linear as in WGAN-GP (default), sigmoid as in the paper.")
+    flags.DEFINE_enum("dis_loss", "abs", ["abs", "square", "feature"],
+                      "Student's discrimination loss: abs = |D(phi_s) - D(phi_t)| (WGAN generator gradient), "
+                      "square = the paper's (D(phi_s) - D(phi_t))^2, feature = squared difference of the critic's "
+                      "last feature maps.")
     # Loop
     flags.DEFINE_string("out_dir", None, "Run directory: config.json, checkpoints, TensorBoard logs.")
     flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its latest checkpoint.")

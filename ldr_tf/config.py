@@ -39,13 +39,13 @@ class TrainConfig:
     teacher_cache: str | None = None
     aldk: bool = True
     gamma: float = 0.3
-    lambda_gp: float = 0.1
+    lambda_gp: float = 10.0
     beta: float = 0.1
     critic_steps: int = 1
     critic_every: int = 1
     critic_lr: float | None = None
-    critic_output: str = "sigmoid"
-    dis_loss: str = "feature"
+    critic_output: str = "linear"
+    dis_loss: str = "abs"
     out_dir: str = ""
     checkpoint_every: int = 1000
     val_every: int = 1000

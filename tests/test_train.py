@@ -61,8 +61,9 @@ def teacher_run(tmp_path_factory, data_dir):
 
 
 def test_aldk_step_updates_student_and_critic_not_teacher(tmp_path, data_dir, teacher_run):
-    # the paper's sigmoid critic (with a linear output the last bias cancels out of D(phi_s) - D(phi_t))
-    cfg = _cfg(tmp_path / "s", data_dir, aldk=True, teacher=str(teacher_run))
+    # the paper's sigmoid critic: with the (default) linear output the last bias cancels out of D(phi_s) - D(phi_t)
+    # and rightly gets no gradient
+    cfg = _cfg(tmp_path / "s", data_dir, aldk=True, teacher=str(teacher_run), critic_output="sigmoid")
     t = _trainer(cfg, data_dir)
     student0, critic0 = _weights(t.model), _weights(t.critic)
     teacher0 = [v.numpy().copy() for v in t.teacher_fn.model.weights]
