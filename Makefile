@@ -7,10 +7,14 @@ STAMP  := $(VENV)/.ldr-tf-installed
 
 .PHONY: install test test-slow demo bench clean
 
+# tensorflow-serving-api (TF Serving client protos for tools/serving) goes in with --no-deps: its metadata
+# requires the full `tensorflow` wheel, which would clash with tensorflow-cpu; it needs only grpcio and
+# protobuf, which are already there (pip check reports the missing `tensorflow` requirement: expected).
 $(STAMP): setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q --no-deps -c constraints.txt tensorflow-serving-api
 	@touch $(STAMP)
 
 install: $(STAMP)

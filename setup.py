@@ -31,7 +31,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "scipy>=1.11"],  # scipy: independent oracle for the warp tests
-        "serving": ["grpcio>=1.60", "tensorflow-serving-api>=2.20,<2.22"],
+        # tools/serving (gRPC client). Also run `pip install --no-deps tensorflow-serving-api==2.21.0`: listing it
+        # here would pull in the full `tensorflow` wheel next to tensorflow-cpu (its metadata requires it).
+        "serving": ["grpcio>=1.60"],
         "peers": ["antspyx>=0.6"],  # ANTs SyN for python -m ldr_tf.compare
     },
 )

@@ -22,14 +22,16 @@ def define_data_flags() -> None:
                          "generated at this size).")
 
 
-def define_runtime_flags() -> None:
-    """--seed, --threads, --inter_threads, --xla_warp."""
-    if _once("seed"):
+def define_runtime_flags(flag_values=flags.FLAGS) -> None:
+    """--seed, --threads, --inter_threads, --xla_warp (on `flag_values`, default the global FLAGS)."""
+    if "seed" in flag_values:
         return
-    flags.DEFINE_integer("seed", 0, "Seed of every random choice (data order, augmentation, initialisation).")
-    flags.DEFINE_integer("threads", 0, "Intra-op threads (0 = all cores).")
-    flags.DEFINE_integer("inter_threads", 0, "Inter-op threads (0 = TF default).")
-    flags.DEFINE_bool("xla_warp", True, "Run the trilinear sampler through XLA (2-8x faster on CPU).")
+    fv = flag_values
+    flags.DEFINE_integer("seed", 0, "Seed of every random choice (data order, augmentation, initialisation).",
+                         flag_values=fv)
+    flags.DEFINE_integer("threads", 0, "Intra-op threads (0 = all cores).", flag_values=fv)
+    flags.DEFINE_integer("inter_threads", 0, "Inter-op threads (0 = TF default).", flag_values=fv)
+    flags.DEFINE_bool("xla_warp", True, "Run the trilinear sampler through XLA (2-8x faster on CPU).", flag_values=fv)
 
 
 def apply_runtime_flags(flag_values=flags.FLAGS) -> None:

@@ -97,6 +97,9 @@ def save_json_atomic(obj, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the mode a plain open() would
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, default=str)
             f.write("\n")

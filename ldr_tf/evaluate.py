@@ -1,14 +1,24 @@
 """``python -m ldr_tf.evaluate``: score a model on every pair of a dataset subset, as the original eval.py did.
 
-One line per pair: ``fixed moving dice jaccard lm_dist_vox lm_dist_mm jac_std folding_pct seconds`` then a
-``Summary`` block with ``mean (std over pairs)`` of each column. Dice/Jaccard of a pair are means over the labels
-present in the fixed segmentation (background excluded); the moving labels are warped with the predicted flow
-without mixing labels. The landmark distance maps each fixed landmark p to p + u(p) and measures the distance to
-its moving landmark, in voxels of the grid and in mm (grid spacing of the moving subject); pairs without
-landmarks show ``nan``. ``jac_std`` and ``folding_pct`` are the std of det(J) of x + u(x) and the % of voxels with
-det(J) <= 0. ``seconds`` is the model call only (registration, warping included), measured after one warm-up call.
+``--model`` is an exported SavedModel, a training run directory (``--stage=affine``: its affine first stage alone)
+or ``identity`` (zero flow: the "before registration" baseline). Writes ``<out>.txt`` and ``<out>.json`` (``--out`` is
+a prefix; dots in it are kept, ``eval/v1.2`` gives ``eval/v1.2.txt``).
 
-Memory is constant: each pair's flow is dropped once its line is written.
+``<out>.txt``: a ``# fixed moving <columns>`` header, one line per pair: ``fixed moving dice jaccard lm_dist_vox
+lm_dist_mm jac_std folding_pct seconds``, then a ``Summary`` block with ``mean (std over pairs)`` of each column.
+
+* ``dice``, ``jaccard``: means over the labels present in the fixed segmentation (background excluded); the moving
+  labels are warped with the predicted flow without mixing labels. ``nan`` for pairs without segmentations.
+* ``lm_dist_vox``, ``lm_dist_mm``: each fixed landmark p is mapped to p + u(p) and compared with its moving
+  landmark, in voxels of the network grid and in mm (grid spacing of the moving subject, rescaled when the
+  network grid differs from the dataset's); ``nan`` without landmarks.
+* ``jac_std``, ``folding_pct``: std of det(J) of x + u(x), and the % of voxels with det(J) <= 0.
+* ``seconds``: the model call only (registration and warping), measured after one warm-up call.
+
+``<out>.json``: the method, model, stage, dataset, subset, parameter count, every pair's row (the columns above plus
+``labels`` = number of labels scored, ``jac_min``) and the summary (mean, std, median, n per column).
+
+Memory is constant: a pair's row holds scalars only and its flow is dropped once the line is written.
 
 Examples::
 
@@ -50,19 +60,25 @@ def define_flags() -> None:
     flags.DEFINE_string("name", None, "Method name in the outputs (default: derived from --model).")
 
 
-def _spacing_lookup(desc):
-    """subject key -> grid spacing (mm) from the HDF5 attrs, or None; file handles are cached."""
+def _spacing_lookup(desc, grid=None):
+    """subject key -> spacing (mm) of a voxel of `grid` (default the dataset's grid) from the HDF5 attrs, or None.
+
+    The HDF5 ``spacing`` is per voxel of the dataset's grid; on another network grid a voxel spans
+    ``spacing * dataset_size / grid`` mm. Spacings are cached; the files are opened per lookup.
+    """
     import h5py
 
-    handles, cache = {}, {}
+    scale = np.ones(3)
+    if grid is not None:
+        scale = np.asarray(desc.image_size, np.float64) / np.asarray(grid, np.float64)
+    cache = {}
 
     def spacing(key: str):
         if key not in cache:
             path, group = desc.file_for(key)
-            if path not in handles:
-                handles[path] = h5py.File(path, "r")
-            sp = handles[path][group].attrs.get("spacing") if group in handles[path] else None
-            cache[key] = None if sp is None else np.asarray(sp, np.float64).reshape(3)
+            with h5py.File(path, "r") as h5:
+                sp = h5[group].attrs.get("spacing") if group in h5 else None
+            cache[key] = None if sp is None else np.asarray(sp, np.float64).reshape(3) * scale
         return cache[key]
 
     return spacing
@@ -88,9 +104,10 @@ def evaluate(registrar, desc, subset: str = "2", paired: bool = False, max_pairs
 
     n_total = len(pairs_for(desc, subset, paired=paired))
     n = min(n_total, max_pairs) if max_pairs else n_total
+    grid = tuple(image_size or registrar.image_size or desc.image_size)
     ds = make_pair_dataset(desc, subset, batch_size=1, augment=False, shuffle=False, repeat=False, paired=paired,
-                           image_size=image_size or registrar.image_size).take(n)
-    spacing = _spacing_lookup(desc)
+                           image_size=grid).take(n)
+    spacing = _spacing_lookup(desc, grid)
     bar = Progress(n, label="evaluate", unit="pair", enabled=progress)
     rows, warm = [], False
     for i, batch in enumerate(ds):
@@ -117,11 +134,11 @@ def evaluate(registrar, desc, subset: str = "2", paired: bool = False, max_pairs
             row["lm_dist_vox"] = lm["voxels"]
             row["lm_dist_mm"] = lm["mm"] if lm["mm"] is not None else float("nan")
         row.update(metrics.jacobian_stats(out["flow"][0]))
+        del out
         rows.append(row)
         if line_sink is not None:
             line_sink(" ".join([id1, id2] + [_fmt(row[c]) for c in COLUMNS]))
         bar.update(i + 1, [("dice", row["dice"])])
-        del out
     return {"pairs": rows, "summary": summarise(rows)}
 
 
@@ -145,39 +162,65 @@ def summary_lines(summary: dict) -> list:
     return lines
 
 
+def output_paths(prefix: str | os.PathLike) -> tuple:
+    """``(<prefix>.txt, <prefix>.json)``; the suffixes are appended, so dots in the prefix are kept."""
+    prefix = str(prefix)
+    return Path(prefix + ".txt"), Path(prefix + ".json")
+
+
+def write_report(registrar, desc, out: str | os.PathLike, subset: str = "2", paired: bool = False,
+                 max_pairs: int = 0, name: str | None = None, model: str = "", stage: str = "full",
+                 image_size=None, progress: bool = True) -> dict:
+    """Runs `evaluate` and writes ``<out>.txt`` (lines as they come, renamed when complete) and ``<out>.json``.
+
+    Returns the JSON dict.
+    """
+    txt, js = output_paths(out)
+    txt.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{txt.name}.", suffix=".tmp", dir=txt.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("# fixed moving " + " ".join(COLUMNS) + "\n")
+            res = evaluate(registrar, desc, subset, paired, max_pairs, image_size=image_size, progress=progress,
+                           line_sink=lambda line: (f.write(line + "\n"), f.flush()))
+            f.write("\n".join(summary_lines(res["summary"])) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, txt)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    report = {"method": name or (Path(str(model)).name + ("-affine" if stage == "affine" else "")),
+              "model": str(model), "stage": stage, "dataset": str(desc.path), "subset": subset,
+              "parameters": registrar.parameters, "columns": list(COLUMNS), **res}
+    save_json_atomic(report, js)
+    return report
+
+
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.model or not FLAGS.out:
         raise cli.UsageError("--model and --out are required")
+    txt, js = output_paths(FLAGS.out)
+    from ldr_tf.predict import check_writable
+
+    check_writable(txt.parent)
+    if FLAGS.model != "identity" and not Path(FLAGS.model).exists():  # before TensorFlow loads
+        raise ValueError(f"{FLAGS.model}: model not found (give a SavedModel directory, a training run directory "
+                         "or 'identity')")
     common_flags.apply_runtime_flags(FLAGS)
     from ldr_tf.registrar import open_registrar
     from ldr_tf.train import open_dataset
 
-    out = Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise cli.UsageError(f"{out.parent}: output directory is not writable")
     registrar = open_registrar(FLAGS.model, stage=FLAGS.stage)
-    desc = open_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size or registrar.image_size and
-                        registrar.image_size[0])
-    name = FLAGS.name or (Path(FLAGS.model).name + ("-affine" if FLAGS.stage == "affine" else ""))
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".txt.tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("# fixed moving " + " ".join(COLUMNS) + "\n")
-            res = evaluate(registrar, desc, FLAGS.subset, FLAGS.paired, FLAGS.max_pairs,
-                           line_sink=lambda line: (f.write(line + "\n"), f.flush()))
-            f.write("\n".join(summary_lines(res["summary"])) + "\n")
-        os.replace(tmp, out.with_suffix(".txt"))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    save_json_atomic({"method": name, "model": str(FLAGS.model), "stage": FLAGS.stage, "dataset": str(desc.path),
-                      "subset": FLAGS.subset, "parameters": registrar.parameters, **res},
-                     out.with_suffix(".json"))
-    print("\n".join(summary_lines(res["summary"])))
-    print(f"wrote {out.with_suffix('.txt')} and {out.with_suffix('.json')}")
+    size = FLAGS.image_size or (registrar.image_size[0] if registrar.image_size else None)
+    desc = open_dataset(FLAGS.dataset, FLAGS.data_dir, size)
+    report = write_report(registrar, desc, FLAGS.out, FLAGS.subset, FLAGS.paired, FLAGS.max_pairs, FLAGS.name,
+                          FLAGS.model, FLAGS.stage, image_size=(FLAGS.image_size,) * 3 if FLAGS.image_size else None)
+    print("\n".join(summary_lines(report["summary"])))
+    print(f"wrote {txt} and {js}")
     return 0
 
 

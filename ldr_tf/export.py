@@ -10,7 +10,19 @@ at serve time. Signatures (batch dynamic, spatial size = the training grid, floa
   ``[B, D, H, W, 1]`` int32, warped without mixing labels (``ldr_tf.warp.warp_labels``).
 
 Next to ``saved_model.pb`` the export writes ``ldr_tf_export.json``: grid size, model kind, cascades, parameter
-count, training data and the preprocessing that `ldr_tf.predict` must apply to new images.
+count, training data, the preprocessing that `ldr_tf.predict` must apply to new images, and ``xla_warp``.
+
+XLA: by default (``--xla_warp``, `ldr_tf.warp.xla_warp_enabled`) the trilinear sampler inside the graph is an
+XLA-compiled function (2-8x faster on CPU). TensorFlow (``tf.saved_model.load``, ``saved_model_cli run``) runs it
+as it is, but TensorFlow Serving disables XLA:CPU JIT by default: serve such an export with
+``tensorflow_model_server --xla_cpu_compilation_enabled=true`` (experimental flag, tensorflow/serving#1858), or
+export with ``--noxla_warp`` for a graph without XLA ops (the safe choice for GPU serving images, where XLA ops
+have failed to find a compiler, tensorflow/serving#2214). The metadata records the choice.
+
+Example::
+
+    python -m ldr_tf.export --checkpoint=runs/student --out=exports/student            # XLA sampler
+    python -m ldr_tf.export --checkpoint=runs/student --out=exports/student-noxla --noxla_warp
 """
 
 from __future__ import annotations
@@ -42,6 +54,15 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "Replace an existing export at --out (only after the new one is complete).")
 
 
+def _make_readable(root: Path) -> None:
+    """Gives the export the permissions a plain ``mkdir``/``open`` would (temp dirs/files are private, 0700/0600),
+    so that a server running as another user (the TF Serving container) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Moves a finished export into place; an existing `out` is replaced only after the new one is complete."""
     if out.exists():
@@ -57,11 +78,20 @@ def _install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool = False) -> Path:
+def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool = False,
+                 xla_warp: bool | None = None) -> Path:
     """Writes `model` (a built ``RecursiveCascade``) as a SavedModel with the signatures above, atomically.
 
-    Returns the output path. `metadata` is stored in ``ldr_tf_export.json`` next to the model, completed with the
-    grid size and signature descriptions.
+    Args:
+      model: a built `networks.cascade.RecursiveCascade` (weights restored).
+      out: output directory; nothing is left there if writing fails, and an existing one is replaced only once the
+        new export is complete (with `overwrite`).
+      metadata: stored in ``ldr_tf_export.json``, completed with the grid size, signatures and ``xla_warp``.
+      overwrite: replace an existing `out`.
+      xla_warp: trace the sampler through XLA (None: the current `ldr_tf.warp.xla_warp_enabled`).
+
+    Returns:
+      The output path.
     """
     import keras
     import tensorflow as tf
@@ -70,53 +100,70 @@ def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool 
 
     out = Path(out)
     size = tuple(int(s) for s in model.config.image_size)
+    use_xla = warp.xla_warp_enabled() if xla_warp is None else bool(xla_warp)
     fixed = tf.TensorSpec([None, *size, 1], tf.float32, name="fixed")
     moving = tf.TensorSpec([None, *size, 1], tf.float32, name="moving")
     labels = tf.TensorSpec([None, *size, 1], tf.int32, name="moving_labels")
 
     def register(fixed, moving):
         res = model(tf.concat([fixed, moving], axis=-1), training=False)
-        return {"flow": res["agg_flow"], "warped": res["warped"]}
+        # static shapes in the signature (the XLA sampler relaxes them): [-1, D, H, W, 3] instead of all -1
+        return {"flow": tf.ensure_shape(res["agg_flow"], [None, *size, 3]),
+                "warped": tf.ensure_shape(res["warped"], [None, *size, 1])}
 
     def register_labels(fixed, moving, moving_labels):
         res = register(fixed, moving)
-        res["warped_labels"] = warp.warp_labels(moving_labels, res["flow"])
+        res["warped_labels"] = tf.ensure_shape(warp.warp_labels(moving_labels, res["flow"]), [None, *size, 1])
         return res
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("register", register, input_signature=[fixed, moving])
-    archive.add_endpoint("register_labels", register_labels, input_signature=[fixed, moving, labels])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    previous = warp.xla_warp_enabled()
+    warp.set_xla_warp(use_xla)  # read when the endpoints are traced
     try:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("register", register, input_signature=[fixed, moving])
+        archive.add_endpoint("register_labels", register_labels, input_signature=[fixed, moving, labels])
         archive.write_out(str(tmp), verbose=False)
         meta = {
             **metadata,
             "ldr_tf_version": __version__,
             "image_size": list(size),
-            "xla_warp": warp.xla_warp_enabled(),
+            "xla_warp": use_xla,
+            "serving": {
+                "xla_cpu_compilation_enabled": use_xla,
+                "note": ("the sampler is XLA-compiled: tensorflow_model_server needs "
+                         "--xla_cpu_compilation_enabled=true (or re-export with --noxla_warp)") if use_xla else
+                        "no XLA ops: any tensorflow_model_server runs it",
+            },
+            "input": "fixed and moving float32 in [0, 1] (the uint8 grid volume of ldr_tf.preprocess / 255)",
+            "flow": "voxels of the grid, channel c along axis c (D, H, W), pull: warped(x) = moving(x + flow(x))",
             "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "signatures": {
                 "register": {"inputs": {"fixed": [None, *size, 1], "moving": [None, *size, 1]},
-                             "outputs": ["flow", "warped"]},
+                             "outputs": {"flow": [None, *size, 3], "warped": [None, *size, 1]}},
                 "register_labels": {"inputs": {"fixed": [None, *size, 1], "moving": [None, *size, 1],
-                                               "moving_labels (int32)": [None, *size, 1]},
-                                    "outputs": ["flow", "warped", "warped_labels"]},
+                                               "moving_labels": [None, *size, 1]},
+                                    "outputs": {"flow": [None, *size, 3], "warped": [None, *size, 1],
+                                                "warped_labels": [None, *size, 1]},
+                                    "dtypes": {"moving_labels": "int32", "warped_labels": "int32"}},
+                "serving_default": "same as register",
             },
         }
         save_json_atomic(meta, tmp / METADATA)
+        _make_readable(tmp)
         _install_dir(tmp, out, overwrite)
     finally:
+        warp.set_xla_warp(previous)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
-               overwrite: bool = False) -> Path:
-    """Restores a training run's checkpoint and exports it (see `export_model`)."""
+               overwrite: bool = False, xla_warp: bool | None = None) -> Path:
+    """Restores a training run's checkpoint (the latest, or `step`) and exports it (see `export_model`)."""
     from ldr_tf import runs
 
     out = Path(out)
@@ -136,7 +183,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
         "training_data": run_cfg.get("dataset"),
         "preprocessing": run_cfg.get("preprocessing"),
     }
-    return export_model(model, out, metadata, overwrite=overwrite)
+    return export_model(model, out, metadata, overwrite=overwrite, xla_warp=xla_warp)
 
 
 def load_metadata(model_dir: str | os.PathLike) -> dict:
@@ -150,9 +197,10 @@ def load_metadata(model_dir: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{model_dir}: SavedModel without {METADATA}; export it with python -m ldr_tf.export") from None
+        raise ValueError(f"{model_dir}: SavedModel without {METADATA}; export it with python -m ldr_tf.export") \
+            from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable export metadata ({e})") from None
+        raise ValueError(f"{path}: unreadable export metadata ({' '.join(str(e).split())})") from None
 
 
 def main(argv):
@@ -161,12 +209,13 @@ def main(argv):
     if not FLAGS.checkpoint or not FLAGS.out:
         raise cli.UsageError("--checkpoint (a training run directory) and --out are required")
     common_flags.apply_runtime_flags(FLAGS)
-    out = export_run(FLAGS.checkpoint, FLAGS.out, FLAGS.step, FLAGS.overwrite)
+    out = export_run(FLAGS.checkpoint, FLAGS.out, FLAGS.step, FLAGS.overwrite, xla_warp=FLAGS.xla_warp)
     meta = load_metadata(out)
     logging.info("exported %s", out)
+    xla = "on (TF Serving: --xla_cpu_compilation_enabled=true)" if meta["xla_warp"] else "off"
     print(f"exported {meta['model']} ({meta['cascades']} cascades, {meta['parameters']:,} parameters, grid "
           f"{'x'.join(map(str, meta['image_size']))}, step {meta['trained_steps']}) to {out}; signatures: "
-          f"{', '.join(SIGNATURES)}", flush=True)
+          f"{', '.join(SIGNATURES)}; XLA sampler {xla}", flush=True)
     return 0
 
 

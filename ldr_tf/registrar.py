@@ -25,19 +25,27 @@ __all__ = ["Registrar", "open_registrar"]
 
 
 class Registrar:
-    """A callable registration model with its description (`kind`, `image_size`, `metadata`, `parameters`)."""
+    """A callable registration model with its description.
+
+    Attributes:
+      kind: ``"identity"``, ``"saved_model"`` or ``"checkpoint"``.
+      image_size: ``(D, H, W)`` grid the model takes, or None (identity: any size).
+      metadata: dict (the export's ``ldr_tf_export.json``, or the run's config summary).
+      parameters: number of weights, or None.
+    """
 
     def __init__(self, kind: str, fn, fn_labels, image_size, metadata: dict, parameters: int | None,
                  keepalive=None):
         self.kind = kind
         self._fn = fn
         self._fn_labels = fn_labels
-        self.image_size = tuple(image_size) if image_size else None
+        self.image_size = tuple(int(s) for s in image_size) if image_size else None
         self.metadata = metadata
         self.parameters = parameters
-        self._keepalive = keepalive
+        self._keepalive = keepalive  # the loaded SavedModel / Keras model behind fn
 
     def check_shape(self, name: str, x) -> None:
+        """ValueError naming `name` unless `x` is ``[B, D, H, W, 1]`` on the model's grid."""
         shape = tuple(x.shape)
         if len(shape) != 5 or shape[-1] != 1:
             raise ValueError(f"{name}: expected [B, D, H, W, 1], got shape {shape}")
@@ -46,18 +54,36 @@ class Registrar:
                              "(ldr_tf.predict resamples images onto the grid)")
 
     def __call__(self, fixed, moving, moving_labels=None) -> dict:
+        """Registers `moving` onto `fixed`.
+
+        Args:
+          fixed, moving: ``[B, D, H, W, 1]`` float32 in [0, 1] on the model's grid.
+          moving_labels: optional ``[B, D, H, W, 1]`` (or ``[B, D, H, W]``) integer labels of `moving`.
+
+        Returns:
+          numpy ``{"flow": [B, D, H, W, 3], "warped": [B, D, H, W, 1]}`` plus ``"warped_labels"``
+          ``[B, D, H, W, 1]`` int32 with `moving_labels`.
+
+        Raises:
+          ValueError: wrong shapes, or the model failed (one line).
+        """
         self.check_shape("fixed", fixed)
         self.check_shape("moving", moving)
         fixed = tf.convert_to_tensor(fixed, tf.float32)
         moving = tf.convert_to_tensor(moving, tf.float32)
-        if moving_labels is None:
-            out = self._fn(fixed, moving)
-        else:
-            labels = tf.convert_to_tensor(moving_labels)
-            if labels.shape.rank == 4:
-                labels = labels[..., None]
-            out = self._fn_labels(fixed, moving, tf.cast(labels, tf.int32))
-        return {k: v.numpy() for k, v in out.items()}
+        try:
+            if moving_labels is None:
+                out = self._fn(fixed, moving)
+            else:
+                labels = tf.convert_to_tensor(moving_labels)
+                if labels.shape.rank == 4:
+                    labels = labels[..., None]
+                self.check_shape("moving_labels", labels)
+                out = self._fn_labels(fixed, moving, tf.cast(labels, tf.int32))
+        except tf.errors.OpError as e:
+            raise ValueError(f"{self.kind} model call failed: {type(e).__name__}: "
+                             f"{(e.message or '').strip().splitlines()[0] if e.message else ''}") from None
+        return {k: np.asarray(v) for k, v in out.items()}
 
 
 def _identity() -> Registrar:
@@ -70,19 +96,36 @@ def _identity() -> Registrar:
     return Registrar("identity", fn, fn_labels, None, {"model": "identity"}, 0)
 
 
-def _saved_model(path: Path) -> Registrar:
-    from ldr_tf.export import load_metadata
+def _signature_grid(signature) -> tuple | None:
+    """(D, H, W) of the ``fixed`` input of a loaded signature, or None if it is not fully static."""
+    spec = signature.structured_input_signature[1].get("fixed")
+    if spec is None or spec.shape.rank != 5:
+        return None
+    dims = spec.shape.as_list()[1:4]
+    return tuple(dims) if None not in dims else None
 
-    meta = load_metadata(path)
+
+def _saved_model(path: Path) -> Registrar:
+    from ldr_tf.export import METADATA, load_metadata
+
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # noqa: BLE001 (TF raises many types for corrupt models)
-        raise ValueError(f"{path}: cannot load the SavedModel ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: cannot load the SavedModel ({type(e).__name__}: {first})") from None
     missing = [s for s in ("register", "register_labels") if s not in loaded.signatures]
     if missing:
-        raise ValueError(f"{path}: SavedModel lacks the signature(s) {missing} (has {sorted(loaded.signatures)}); "
-                         "export registration models with python -m ldr_tf.export")
+        raise ValueError(f"{path}: SavedModel lacks the signature(s) {', '.join(missing)} (it has "
+                         f"{', '.join(sorted(loaded.signatures)) or 'none'}); export registration models with "
+                         "python -m ldr_tf.export")
     reg, reg_labels = loaded.signatures["register"], loaded.signatures["register_labels"]
+    meta = load_metadata(path) if (path / METADATA).exists() else {}
+    grid = _signature_grid(reg)
+    if grid is None:
+        raise ValueError(f"{path}: the register signature has no static grid size "
+                         f"({reg.structured_input_signature[1]})")
+    if meta.get("image_size") and tuple(meta["image_size"]) != grid:
+        raise ValueError(f"{path}: {METADATA} says grid {tuple(meta['image_size'])} but the signature takes {grid}")
 
     def fn(fixed, moving):
         return reg(fixed=fixed, moving=moving)
@@ -90,19 +133,22 @@ def _saved_model(path: Path) -> Registrar:
     def fn_labels(fixed, moving, labels):
         return reg_labels(fixed=fixed, moving=moving, moving_labels=labels)
 
-    return Registrar("saved_model", fn, fn_labels, meta["image_size"], meta, meta.get("parameters"), loaded)
+    return Registrar("saved_model", fn, fn_labels, grid, meta, meta.get("parameters"), loaded)
 
 
 def _checkpoint(path: Path, stage: str, step: int | None) -> Registrar:
     from ldr_tf import runs
+    from ldr_tf.config import load_run_config
 
+    if stage == "affine" and load_run_config(path)["network"].get("affine", "none") == "none":
+        raise ValueError(f"{path}: --stage=affine: this network has no affine stage (affine=none)")
     model, run_cfg = runs.restore_model(path, step)
 
     @tf.function(reduce_retracing=True)
     def fn(fixed, moving):
         pair = tf.concat([fixed, moving], -1)
         if stage == "affine":
-            flow = model.affine_flow(pair)
+            flow = model.affine_stage(pair, training=False)["flow"]
         else:
             flow = model(pair, training=False)["agg_flow"]
         return {"flow": flow, "warped": warp.warp(moving, flow)}
@@ -113,11 +159,10 @@ def _checkpoint(path: Path, stage: str, step: int | None) -> Registrar:
         out["warped_labels"] = warp.warp_labels(labels, out["flow"])
         return out
 
-    if stage == "affine" and run_cfg["network"].get("affine", "none") == "none":
-        raise ValueError(f"{path}: this network has no affine stage (affine=none)")
-    meta = {"model": run_cfg["train"].get("model"), "stage": stage, "network": run_cfg["network"],
+    meta = {"model": run_cfg.get("train", {}).get("model"), "stage": stage, "network": run_cfg["network"],
             "preprocessing": run_cfg.get("preprocessing"), "training_data": run_cfg.get("dataset")}
-    params = int(sum(int(np.prod(v.shape)) for v in model.weights))
+    counted = model.affine_stem if stage == "affine" else model
+    params = int(sum(int(np.prod(v.shape)) for v in counted.weights))
     return Registrar("checkpoint", fn, fn_labels, run_cfg["network"]["image_size"], meta, params, model)
 
 

@@ -1,0 +1,246 @@
+"""Export: SavedModel signatures equal the Keras model in a fresh process, the TF1 loader (saved_model_cli, like TF
+Serving) runs them, the XLA flag is honoured and recorded, the teacher exports too, outputs are installed atomically.
+
+`make_run` / `shared_student` are also used by test_predict, test_evaluate and test_serving (one export per session).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ldr_tf import export, runs, warp
+from ldr_tf.config import save_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+# The demo data's record: not a NIfTI recipe, so predict needs --preprocessing.
+SYNTHETIC_PREPROCESSING = {"kind": "synthetic", "modality": "mri", "intensity": "0..255 stored, /255 at read"}
+
+
+def student_network(size=SIZE, affine="none", cascades=1) -> dict:
+    from networks.cascade import CascadeConfig
+
+    return CascadeConfig(stem="ldr", cascades=cascades, affine=affine, image_size=(size,) * 3).to_dict()
+
+
+def make_run(run_dir, network: dict, model: str = "student", seed: int = 0, scale: float = 0.05,
+             preprocessing=None, dataset=None) -> Path:
+    """A training run directory (config.json + one checkpoint) holding random, non-trivial weights.
+
+    Every variable is drawn from N(0, scale^2) (biases too), so the flows are neither zero nor the identity-init
+    ones: what the export must reproduce is a generic network.
+    """
+    run_dir = Path(run_dir)
+    keras.utils.set_random_seed(seed)
+    net = runs.build_network(network)
+    rng = np.random.default_rng(seed)
+    for v in net.weights:
+        v.assign(rng.normal(0.0, scale, v.shape).astype(np.float32))
+    save_json_atomic({"train": {"model": model, "aldk": False}, "network": network,
+                      "preprocessing": preprocessing if preprocessing is not None else SYNTHETIC_PREPROCESSING,
+                      "dataset": dataset or {"path": "none"}}, run_dir / "config.json")
+    tf.train.Checkpoint(model=net).save(str(run_dir / runs.CHECKPOINT_DIR / "ckpt"))
+    return run_dir
+
+
+_SHARED = {}
+
+
+def shared_student(tmp_path_factory) -> dict:
+    """One 32^3 student run and its export (XLA sampler, the default), made once per test session."""
+    if "student" not in _SHARED:
+        root = tmp_path_factory.mktemp("shared_student")
+        run = make_run(root / "run", student_network())
+        out = export.export_run(run, root / "export", xla_warp=True)
+        _SHARED["student"] = {"run": run, "export": out, "root": root}
+    return _SHARED["student"]
+
+
+def _inputs(size=SIZE, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (batch, size, size, size, 1)
+    # smooth-ish images so that flows and warps are not dominated by noise
+    base = rng.random(shape).astype(np.float32)
+    fixed = (base + np.roll(base, 1, 1) + np.roll(base, 1, 2)) / 3
+    moving = np.roll(fixed, 2, 3) * 0.9 + 0.05
+    labels = (fixed * 5).astype(np.int32)
+    return fixed.astype(np.float32), moving.astype(np.float32), labels
+
+
+def _keras_outputs(run_dir, fixed, moving, labels):
+    model, _ = runs.restore_model(run_dir)
+    res = model(tf.concat([fixed, moving], -1), training=False)
+    flow = res["agg_flow"]
+    return {"flow": flow.numpy(), "warped": res["warped"].numpy(),
+            "warped_labels": warp.warp_labels(labels, flow).numpy()}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    s = shared_student(tmp_path_factory)
+    fixed, moving, labels = _inputs()
+    ref = _keras_outputs(s["run"], fixed, moving, labels)
+    d = s["root"] / "arrays"
+    d.mkdir(exist_ok=True)
+    for k, v in dict(fixed=fixed, moving=moving, moving_labels=labels).items():
+        np.save(d / f"{k}.npy", v)
+    return {**s, "ref": ref, "arrays": d}
+
+
+@pytest.fixture(scope="module")
+def noxla_export(student, tmp_path_factory):
+    """The same run exported by the CLI with --noxla_warp, over an existing folder (--overwrite)."""
+    out = tmp_path_factory.mktemp("noxla") / "export"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier export")
+    r = subprocess.run([sys.executable, "-m", "ldr_tf.export", f"--checkpoint={student['run']}", f"--out={out}",
+                        "--noxla_warp", "--overwrite"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "XLA sampler off" in r.stdout
+    return out
+
+
+def _xla_functions(export_dir) -> list:
+    """Names of the graph functions marked _XlaMustCompile=True in a SavedModel."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((Path(export_dir) / "saved_model.pb").read_bytes())
+    lib = sm.meta_graphs[0].graph_def.library
+    return [f.signature.name for f in lib.function if f.attr["_XlaMustCompile"].b]
+
+
+def test_flows_are_not_trivial(student):
+    # guards the equality tests below against a model that outputs (almost) nothing
+    flow = student["ref"]["flow"]
+    assert 0.2 < float(np.abs(flow).mean()) < 20.0
+    assert np.mean(student["ref"]["warped_labels"] != np.load(student["arrays"] / "moving_labels.npy")) > 0.05
+
+
+def test_fresh_process_matches_keras_for_both_signatures_and_exports(student, noxla_export, tmp_path):
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "d = sys.argv[1]; out = {}\n"
+        "args = {k: tf.constant(np.load(f'{d}/{k}.npy')) for k in ('fixed', 'moving', 'moving_labels')}\n"
+        "for tag, path in (('xla', sys.argv[2]), ('noxla', sys.argv[3])):\n"
+        "    m = tf.saved_model.load(path)\n"
+        "    r = m.signatures['register'](fixed=args['fixed'], moving=args['moving'])\n"
+        "    rl = m.signatures['register_labels'](**args)\n"
+        "    d0 = m.signatures['serving_default'](fixed=args['fixed'], moving=args['moving'])\n"
+        "    out.update({f'{tag}_{k}': v.numpy() for k, v in r.items()})\n"
+        "    out.update({f'{tag}_labels_{k}': v.numpy() for k, v in rl.items()})\n"
+        "    out[f'{tag}_default_flow'] = d0['flow'].numpy()\n"
+        "np.savez(sys.argv[4], **out)\n"
+    )
+    res = tmp_path / "out.npz"
+    r = subprocess.run([sys.executable, "-c", script, str(student["arrays"]), str(student["export"]),
+                        str(noxla_export), str(res)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(res)
+    ref = student["ref"]
+    for tag in ("xla", "noxla"):
+        for k in ("flow", "warped"):
+            np.testing.assert_allclose(got[f"{tag}_{k}"], ref[k], atol=1e-5, rtol=0, err_msg=f"{tag} {k}")
+            np.testing.assert_allclose(got[f"{tag}_labels_{k}"], ref[k], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[f"{tag}_default_flow"], ref["flow"], atol=1e-5, rtol=0)
+        labels = got[f"{tag}_labels_warped_labels"]
+        assert labels.dtype == np.int32 and labels.shape == ref["warped_labels"].shape
+        # flows agree to 1e-5: only exact ties between two labels may flip
+        assert np.mean(labels != ref["warped_labels"]) < 1e-4
+
+
+def test_metadata_and_xla_choice_are_recorded_and_compiled_in(student, noxla_export):
+    meta = export.load_metadata(student["export"])
+    assert meta["image_size"] == [SIZE] * 3 and meta["model"] == "student" and meta["cascades"] == 1
+    assert meta["trained_steps"] == 1 and meta["parameters"] > 1_000_000
+    assert meta["preprocessing"]["kind"] == "synthetic"
+    assert meta["xla_warp"] is True and meta["serving"]["xla_cpu_compilation_enabled"] is True
+    assert _xla_functions(student["export"]), "the XLA export must hold XLA-compiled functions"
+    meta2 = export.load_metadata(noxla_export)
+    assert meta2["xla_warp"] is False and not _xla_functions(noxla_export)
+    # installed over the old folder: nothing of it is left, no temporary folder next to it, readable by others
+    assert not (noxla_export / "stale.txt").exists()
+    assert [p.name for p in noxla_export.parent.iterdir()] == ["export"]
+    for p in [noxla_export, *noxla_export.rglob("*")]:
+        assert p.stat().st_mode & 0o004, f"{p} is not world-readable (TF Serving may run as another user)"
+
+
+def _saved_model_cli(*args):
+    exe = Path(sys.executable).with_name("saved_model_cli")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    return subprocess.run(cmd + list(args), env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_saved_model_cli_show_lists_the_signatures(student):
+    r = _saved_model_cli("show", "--all", "--dir", str(student["export"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout
+    for sig in ("register", "register_labels", "serving_default"):
+        assert f"signature_def['{sig}']" in text
+    block = text.split("signature_def['register_labels']")[1].split("signature_def[")[0]
+    assert "inputs['moving_labels']" in block and "DT_INT32" in block
+    assert f"shape: (-1, {SIZE}, {SIZE}, {SIZE}, 3)" in block  # flow: static grid in the signature
+    assert "outputs['warped_labels']" in block and "tensorflow/serving/predict" in block
+
+
+def test_saved_model_cli_run_tf1_loader_xla_export(student, tmp_path):
+    # The TF1 SavedModelBundle-style loader, as TF Serving: catches untracked Keras 3 variables; runs the XLA sampler.
+    a = student["arrays"]
+    r = _saved_model_cli("run", "--dir", str(student["export"]), "--tag_set", "serve", "--signature_def", "register",
+                         "--inputs", f"fixed={a / 'fixed.npy'};moving={a / 'moving.npy'}", "--outdir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "flow.npy"), student["ref"]["flow"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.load(tmp_path / "warped.npy"), student["ref"]["warped"], atol=1e-5, rtol=0)
+
+
+def test_teacher_vtn_64_with_affine_exports_the_same_way(tmp_path):
+    from networks.cascade import CascadeConfig
+
+    net = CascadeConfig(stem="vtn", cascades=1, affine="vtn", image_size=(64,) * 3, channels=4).to_dict()
+    run = make_run(tmp_path / "teacher", net, model="teacher", seed=1, scale=0.02)
+    out = export.export_run(run, tmp_path / "export")
+    meta = export.load_metadata(out)
+    assert meta["model"] == "teacher" and meta["network"]["stem"] == "vtn" and meta["image_size"] == [64] * 3
+    fixed, moving, labels = _inputs(64, batch=1, seed=2)
+    ref = _keras_outputs(run, fixed, moving, labels)
+    assert float(np.abs(ref["flow"]).mean()) > 0.05  # the affine stage and the stem both move things
+    loaded = tf.saved_model.load(str(out))
+    got = loaded.signatures["register_labels"](fixed=tf.constant(fixed), moving=tf.constant(moving),
+                                               moving_labels=tf.constant(labels))
+    np.testing.assert_allclose(got["flow"].numpy(), ref["flow"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["warped"].numpy(), ref["warped"], atol=1e-5, rtol=0)
+    assert np.mean(got["warped_labels"].numpy() != ref["warped_labels"]) < 1e-4
+
+
+def test_existing_output_is_refused_before_restoring(student, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        export.export_run(student["run"], out)
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="no checkpoint|not a training run"):
+        export.export_run(tmp_path / "nothing", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_load_metadata_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a SavedModel"):
+        export.load_metadata(tmp_path)
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(ValueError, match="without ldr_tf_export.json"):
+        export.load_metadata(tmp_path)
+    (tmp_path / "ldr_tf_export.json").write_text("{oops")
+    with pytest.raises(ValueError, match="unreadable export metadata"):
+        export.load_metadata(tmp_path)
+    (tmp_path / "ldr_tf_export.json").write_text(json.dumps({"image_size": [1, 2, 3]}))
+    assert export.load_metadata(tmp_path)["image_size"] == [1, 2, 3]

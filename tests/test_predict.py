@@ -1,0 +1,373 @@
+"""predict: outputs on the fixed scan's grid with the documented conventions, resampling of any moving geometry,
+timing split and Dice, CSV batches, and one-line errors that leave nothing behind."""
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import ndimage
+
+from ldr_tf import metrics, predict
+from ldr_tf.preprocess import Preprocessing, recipe
+from ldr_tf.registrar import open_registrar
+from tests.test_export import SIZE, shared_student
+
+# Both phantoms fill the same world box [-30, 30] x [-34, 34] x [-28, 28] mm, on different voxel grids.
+FIXED_SHAPE = (30, 34, 28)  # RAS, 2 mm
+MOVING_SHAPE = (40, 40, 40)  # before reorientation: 1.5 x 1.7 x 1.4 mm
+LABELS = (2, 17, 41)
+
+
+def _phantom(world):
+    """Labels and intensities (0..255) of an analytic head-like phantom at world points ``[..., 3]`` (mm)."""
+    x, y, z = world[..., 0], world[..., 1], world[..., 2]
+    lab = np.zeros(world.shape[:-1], np.int16)
+    body = (x / 26) ** 2 + (y / 30) ** 2 + (z / 24) ** 2 < 1
+    lab[body] = 2
+    lab[((x - 6) / 9) ** 2 + ((y + 4) / 12) ** 2 + ((z - 3) / 8) ** 2 < 1] = 17
+    lab[((x + 10) / 7) ** 2 + ((y - 9) / 8) ** 2 + ((z + 5) / 9) ** 2 < 1] = 41
+    img = np.where(body, 80.0 + 0.8 * y + 0.5 * z, 5.0)
+    img = img + np.where(lab == 17, 90.0, 0.0) + np.where(lab == 41, 45.0, 0.0)
+    return lab, img.astype(np.float32)
+
+
+def _world(affine, shape):
+    idx = np.moveaxis(np.indices(shape, dtype=np.float64), 0, -1)
+    return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _fixed_affine():
+    a = np.diag([2.0, 2.0, 2.0, 1.0])
+    a[:3, 3] = [-29.0, -33.0, -27.0]
+    return a
+
+
+def _moving_affine():
+    """Array axes (S, L, P): axis 0 runs up (z, 1.4 mm), axis 1 to the left (-x, 1.5 mm), axis 2 back (-y, 1.7)."""
+    a = np.zeros((4, 4))
+    a[2, 0] = 1.4
+    a[0, 1] = -1.5
+    a[1, 2] = -1.7
+    a[3, 3] = 1.0
+    a[:3, 3] = [30.0 - 0.75, 34.0 - 0.85, -28.0 + 0.7]
+    return a
+
+
+def _save(path, data, affine):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nifti")
+    fa, ma = _fixed_affine(), _moving_affine()
+    m_shape = (MOVING_SHAPE[2], MOVING_SHAPE[0], MOVING_SHAPE[1])
+    f_lab, f_img = _phantom(_world(fa, FIXED_SHAPE))
+    m_lab, m_img = _phantom(_world(ma, m_shape) + np.array([2.0, -1.5, 1.0]))  # a shifted subject
+    return {"fixed": _save(d / "f.nii.gz", f_img, fa), "fixed_seg": _save(d / "f_seg.nii.gz", f_lab, fa),
+            "moving": _save(d / "m.nii.gz", m_img, ma), "moving_seg": _save(d / "m_seg.nii.gz", m_lab, ma),
+            "dir": d}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return shared_student(tmp_path_factory)
+
+
+def _args(student, scans, out_dir, *extra, segs=True):
+    a = ["predict", f"--model={student['export']}", f"--fixed={scans['fixed']}", f"--moving={scans['moving']}",
+         f"--out_dir={out_dir}", "--preprocessing=none"]
+    if segs:
+        a += [f"--moving_seg={scans['moving_seg']}", f"--fixed_seg={scans['fixed_seg']}"]
+    return a + list(extra)
+
+
+def test_outputs_live_on_the_fixed_grid_with_the_documented_conventions(student, scans, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert predict.run(_args(student, scans, out, "--mm")) == 0, capsys.readouterr().err
+    f = nib.load(scans["fixed"])
+    m = nib.load(scans["moving"])
+    files = {p.name for p in out.iterdir()}
+    assert files == {"warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii.gz", "flow_mm_lps.nii.gz", "result.json"}
+    for name in ("warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii.gz", "flow_mm_lps.nii.gz"):
+        img = nib.load(str(out / name))
+        np.testing.assert_allclose(img.affine, f.affine, atol=1e-5)
+        assert img.shape[:3] == FIXED_SHAPE
+    flow = nib.load(str(out / "flow_vox.nii.gz"))
+    assert flow.shape == FIXED_SHAPE + (1, 3) and flow.header.get_intent()[0] == "vector"
+    d = np.asarray(flow.dataobj)[:, :, :, 0, :].astype(np.float64)
+    assert np.abs(d).max() > 0.5  # a real (random-weight) model and a reoriented scan: far from zero
+    warped_seg = np.asarray(nib.load(str(out / "warped_seg.nii.gz")).dataobj)
+    moving_labels = set(np.unique(np.asarray(nib.load(scans["moving_seg"]).dataobj)).tolist())
+    assert set(np.unique(warped_seg).tolist()) <= moving_labels
+    # pull convention in native voxels of the moving scan: warped(p) = moving(p + d(p))
+    p = np.moveaxis(np.indices(FIXED_SHAPE, dtype=np.float64), 0, -1)
+    q = p + d
+    inside = np.all((q >= 0) & (q <= np.array(m.shape) - 1), axis=-1)
+    expect = ndimage.map_coordinates(np.asarray(m.dataobj, np.float64), np.moveaxis(q, -1, 0), order=1)
+    warped = np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj)
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(warped[inside], expect[inside], atol=1e-2)
+    # the ITK/ANTs field: LPS mm, fixed point + d = moving point
+    mm = np.asarray(nib.load(str(out / "flow_mm_lps.nii.gz")).dataobj)[:, :, :, 0, :].astype(np.float64)
+    world_f = p @ f.affine[:3, :3].T + f.affine[:3, 3]
+    world_m = q @ m.affine[:3, :3].T + m.affine[:3, 3]
+    np.testing.assert_allclose(world_f + mm * np.array([-1, -1, 1]), world_m, atol=1e-3)
+
+    res = json.loads((out / "result.json").read_text())
+    assert set(predict.TIMING_KEYS) <= set(res["seconds"]) and {"model_load", "warmup"} <= set(res["seconds"])
+    assert all(v >= 0 for v in res["seconds"].values())
+    assert res["labels"] == 3 and 0 <= res["dice"] <= 1 and 0 <= res["dice_before"] <= 1
+    assert set(res["dice_per_label"]) == {"2", "17", "41"}
+    ref = metrics.label_overlap(np.asarray(nib.load(scans["fixed_seg"]).dataobj), warped_seg)
+    assert res["dice"] == pytest.approx(ref["dice"], abs=1e-9)
+    assert res["fixed_shape"] == list(FIXED_SHAPE) and res["grid"] == [SIZE] * 3
+    assert "pair: load" in capsys.readouterr().out
+
+    # --overwrite replaces every output; one this run does not make (warped_seg) does not survive
+    assert predict.run(_args(student, scans, out, "--overwrite", segs=False)) == 0
+    assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "flow_vox.nii.gz", "result.json"}
+    assert "dice" not in json.loads((out / "result.json").read_text())
+
+
+class _Identity:
+    """Zero flow on a fixed grid: what is left is the geometry of preprocessing and mapping back."""
+
+    def __init__(self, size):
+        self.inner = open_registrar("identity")
+        self.image_size = size
+
+    def __call__(self, fixed, moving, moving_labels=None):
+        return self.inner(fixed, moving, moving_labels)
+
+
+def test_zero_flow_maps_through_world_coordinates_whatever_the_moving_orientation(scans, tmp_path):
+    # Same world box, different shapes/voxel sizes/axis order: with a zero grid flow, every fixed voxel must look
+    # up the moving scan at the same world point, i.e. "after" equals the affine-only "before" resampling.
+    spec = recipe("none", grid_size=(SIZE,) * 3)
+    r = predict.Predictor(_Identity((SIZE,) * 3), spec).run(
+        scans["fixed"], scans["moving"], tmp_path / "o", scans["moving_seg"], scans["fixed_seg"], write_mm=True)
+    assert r["dice"] == pytest.approx(r["dice_before"], abs=0.01)
+    assert 0.6 < r["dice_before"] < 0.97  # the subjects differ by a shift
+    f = nib.load(scans["fixed"])
+    m = nib.load(scans["moving"])
+    d = np.asarray(nib.load(str(tmp_path / "o" / "flow_vox.nii.gz")).dataobj)[:, :, :, 0, :]
+    p = np.moveaxis(np.indices(FIXED_SHAPE, dtype=np.float64), 0, -1)
+    to_m = np.linalg.inv(m.affine) @ f.affine
+    np.testing.assert_allclose(p + d, p @ to_m[:3, :3].T + to_m[:3, 3], atol=1e-3)
+    mm = np.asarray(nib.load(str(tmp_path / "o" / "flow_mm_lps.nii.gz")).dataobj)
+    assert np.abs(mm).max() < 1e-3
+
+
+def test_brain_recipe_without_label_maps_falls_back_to_whole_scans(student, scans, tmp_path, capsys):
+    # CSV batch: the first pair has both label maps (crop to their boxes), the second none (whole scans + a note)
+    csv = scans["dir"] / "pairs.csv"
+    rel = lambda k: Path(scans[k]).name  # noqa: E731  (paths relative to the CSV)
+    csv.write_text("name,fixed,moving,moving_seg,fixed_seg\n"
+                   f"a,{rel('fixed')},{rel('moving')},{rel('moving_seg')},{rel('fixed_seg')}\n"
+                   f"b,{rel('moving')},{rel('fixed')},,\n")
+    out = tmp_path / "batch"
+    args = ["predict", f"--model={student['export']}", f"--pairs={csv}", f"--out_dir={out}",
+            "--preprocessing=brain"]
+    assert predict.run(args) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: the preprocessing crops/masks to labels, which needs both label maps (missing --fixed_seg, " \
+           "--moving_seg): both scans were taken whole" in err
+    summary = json.loads((out / "results.json").read_text())
+    assert [p["name"] for p in summary["pairs"]] == ["a", "b"]
+    a, b = (json.loads((out / n / "result.json").read_text()) for n in ("a", "b"))
+    assert a["preprocessing"]["crop"] == "labels" and a["preprocessing_note"] is None and "dice" in a
+    assert b["preprocessing"]["crop"] == "none" and "whole" in b["preprocessing_note"]
+    assert nib.load(str(out / "b" / "warped.nii.gz")).shape == MOVING_SHAPE[2:] + MOVING_SHAPE[:2]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert predict.run(args) == 1
+    assert "already exists" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+@pytest.fixture(scope="module")
+def plain_module(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plain") / "sm"
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def f(self, x):
+            return {"y": 2 * x}
+
+    m = M()
+    tf.saved_model.save(m, str(d), signatures={"serving_default": m.f})
+    return d
+
+
+BAD = ["missing", "4d", "nan", "plain_module", "not_saved_model", "run_dir", "under_file", "existing", "synthetic",
+       "label_grid", "bad_recipe"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_one_line_exit_1_and_nothing_left(case, student, scans, plain_module, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _args(student, scans, out)
+    culprit = None
+    d = tmp_path / "in"
+    d.mkdir()
+    if case == "missing":
+        culprit = str(d / "nope.nii.gz")
+        args[3] = f"--moving={culprit}"
+    elif case == "4d":
+        culprit = _save(d / "m4.nii.gz", np.ones((8, 8, 8, 2), np.float32), np.eye(4))
+        args[3] = f"--moving={culprit}"
+        args = args[:6]
+    elif case == "nan":
+        data = np.asarray(nib.load(scans["fixed"]).dataobj).copy()
+        data[3, 3, 3] = np.nan
+        culprit = _save(d / "fnan.nii.gz", data, _fixed_affine())
+        args[2] = f"--fixed={culprit}"
+    elif case == "plain_module":
+        culprit = "lacks the signature(s) register, register_labels"
+        args[1] = f"--model={plain_module}"
+    elif case == "not_saved_model":
+        (d / "readme.txt").write_text("x")
+        culprit = f"{d}: --model: not a SavedModel directory"
+        args[1] = f"--model={d}"
+    elif case == "run_dir":
+        culprit = "export it first with python -m ldr_tf.export"
+        args[1] = f"--model={student['run']}"
+    elif case == "under_file":
+        (d / "afile").write_text("x")
+        out = d / "afile" / "out"
+        culprit = "is not a folder"
+        args[4] = f"--out_dir={out}"
+    elif case == "existing":
+        out.mkdir()
+        (out / "warped.nii.gz").write_text("the user's file")
+        culprit = str(out / "warped.nii.gz")
+    elif case == "synthetic":
+        args[5] = "--preprocessing=auto"
+        culprit = "--preprocessing=liver|brain|none or a spec .json"
+    elif case == "label_grid":
+        culprit = _save(d / "seg_other.nii.gz", np.ones((8, 8, 8), np.int16), np.eye(4))
+        args[6] = f"--moving_seg={culprit}"
+    elif case == "bad_recipe":
+        args[5] = "--preprocessing=lung"
+        culprit = "expected auto, liver, brain, none or a .json file, got 'lung'"
+    rc = predict.run(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err and err[-1].startswith("ldr_tf.predict: error: ") and culprit in err[-1], err[-3:]
+    if case == "existing":
+        assert [p.name for p in out.iterdir()] == ["warped.nii.gz"]
+        assert (out / "warped.nii.gz").read_text() == "the user's file"
+    else:
+        assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_resolve_preprocessing_choices(tmp_path):
+    meta = {"preprocessing": recipe("brain", grid_size=(128,) * 3).to_dict()}
+    spec = predict.resolve_preprocessing("auto", meta, (32, 32, 32))
+    assert spec.grid_size == (32, 32, 32) and spec.crop == "labels" and spec.intensity == "percentile"
+    assert predict.resolve_preprocessing("auto", meta, (32,) * 3, no_crop=True).crop == "none"
+    with pytest.raises(ValueError, match="trained on 'synthetic' data"):
+        predict.resolve_preprocessing("auto", {"preprocessing": {"kind": "synthetic"}}, (32,) * 3)
+    with pytest.raises(ValueError, match="records no preprocessing"):
+        predict.resolve_preprocessing("auto", {}, (32,) * 3)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(Preprocessing(intensity="ct_window", window=400, level=40).to_dict()))
+    s = predict.resolve_preprocessing(str(spec_file), {}, (16, 16, 16))
+    assert s.intensity == "ct_window" and s.window == 400 and s.grid_size == (16, 16, 16)
+    spec_file.write_text(json.dumps({"crop": "sometimes"}))
+    with pytest.raises(ValueError, match="spec.json: unreadable preprocessing spec"):
+        predict.resolve_preprocessing(str(spec_file), {}, (16, 16, 16))
+
+
+def test_one_pass_label_overlap_equals_metrics(rng):
+    a = rng.integers(0, 6, (20, 18, 16))
+    b = np.where(rng.random(a.shape) < 0.8, a, rng.integers(0, 7, a.shape))
+    fast, ref = predict.label_overlap(a, b), metrics.label_overlap(a, b)
+    assert fast["labels"] == ref["labels"] == 5
+    assert fast["dice"] == pytest.approx(ref["dice"]) and fast["jaccard"] == pytest.approx(ref["jaccard"])
+    for k, v in ref["per_label"].items():
+        assert fast["per_label"][k] == pytest.approx(v)
+    big = a.astype(np.int64) * 100_000  # out of the histogram's range: falls back to the per-label loop
+    assert predict.label_overlap(big, b * 100_000)["dice"] == pytest.approx(ref["dice"])
+
+
+def test_pairs_csv_errors(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_text("fixed,moving\n")
+    with pytest.raises(ValueError, match="no pairs"):
+        predict.read_pairs_csv(p)
+    p.write_text("a,b\nx,y\n")
+    with pytest.raises(ValueError, match="must name columns fixed and moving"):
+        predict.read_pairs_csv(p)
+    p.write_text("fixed,moving,name\nf,m,x\nf,m,x\n")
+    with pytest.raises(ValueError, match="repeated"):
+        predict.read_pairs_csv(p)
+    p.write_text("fixed,moving,name\nf.nii,/abs/m.nii,../up\n")
+    with pytest.raises(ValueError, match="not a plain folder name"):
+        predict.read_pairs_csv(p)
+    p.write_text("fixed,moving\nf.nii,/abs/m.nii\n")
+    (row,) = predict.read_pairs_csv(p)
+    assert row == {"name": "pair0001", "fixed": str(tmp_path / "f.nii"), "moving": "/abs/m.nii",
+                   "moving_seg": None, "fixed_seg": None}
+    with pytest.raises(ValueError, match="cannot read the pairs CSV"):
+        predict.read_pairs_csv(tmp_path / "none.csv")
+
+
+def test_cli_subprocess_exit_code(student, scans, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_export import ENV, REPO
+
+    r = subprocess.run([sys.executable, "-m", "ldr_tf.predict", f"--model={student['export']}",
+                        f"--fixed={scans['fixed']}", f"--moving={tmp_path / 'missing.nii.gz'}",
+                        f"--out_dir={tmp_path / 'o'}"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (f"ldr_tf.predict: error: {tmp_path / 'missing.nii.gz'}: file not "
+                                                 "found (--moving)")
+    assert not (tmp_path / "o").exists()
+    assert os.path.exists(scans["fixed"])
+
+
+def test_overlay_png_of_a_prediction(student, scans, tmp_path, capsys):
+    from tools import overlay
+
+    out = tmp_path / "pred"
+    assert predict.run(_args(student, scans, out)) == 0
+    png = tmp_path / "figs" / "overlay.png"
+    args = ["overlay", f"--fixed={scans['fixed']}", f"--moving={scans['moving']}", f"--warped={out / 'warped.nii.gz'}",
+            f"--fixed_seg={scans['fixed_seg']}", f"--moving_seg={scans['moving_seg']}",
+            f"--warped_seg={out / 'warped_seg.nii.gz'}", f"--out={png}", "--axis=1"]
+    assert overlay.run(args) == 0, capsys.readouterr().err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "slice" in printed and "across axis 1" in printed and "17" in printed
+    assert sorted(p.name for p in png.parent.iterdir()) == ["overlay.png"]  # no temporary file left
+    assert overlay.run(args) == 1  # exists
+    assert "already exists" in capsys.readouterr().err
+    bad = args[:3] + [f"--warped={scans['moving']}"] + args[4:-2] + [f"--out={tmp_path / 'x.png'}"]
+    assert overlay.run(bad) == 1  # the moving scan is not on the fixed grid
+    assert "differs from the fixed scan's" in capsys.readouterr().err
+
+
+def test_flow_mm_lps_is_what_ants_applies(student, scans, tmp_path):
+    # Independent check of the ITK/ANTs convention (LPS vectors, fixed point + d = moving point), on a moving scan
+    # with permuted and flipped axes. Skipped where the optional antspyx is not installed.
+    ants = pytest.importorskip("ants")
+    out = tmp_path / "o"
+    assert predict.run(_args(student, scans, out, "--mm", segs=False)) == 0
+    fixed, moving = ants.image_read(scans["fixed"]), ants.image_read(scans["moving"])
+    warped = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[str(out / "flow_mm_lps.nii.gz")],
+                                   interpolator="linear").numpy()
+    ours = np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj)
+    d = np.asarray(nib.load(str(out / "flow_vox.nii.gz")).dataobj)[:, :, :, 0, :]
+    q = np.moveaxis(np.indices(FIXED_SHAPE, dtype=np.float64), 0, -1) + d
+    inside = np.all((q >= 0) & (q <= np.array(nib.load(scans["moving"]).shape) - 1), axis=-1)
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(warped[inside], ours[inside], atol=1e-2)
