@@ -74,6 +74,11 @@ def define_train_flags() -> None:
                       "Student's discrimination loss: abs = |D(phi_s) - D(phi_t)| (WGAN generator gradient), "
                       "square = the paper's (D(phi_s) - D(phi_t))^2, feature = squared difference of the critic's "
                       "last feature maps.")
+    flags.DEFINE_enum("critic_condition", "images", ["images", "none"],
+                      "images: the critic sees the deformation with the pair it registers; none: the deformation only.")
+    flags.DEFINE_enum("gp_norm", "rms", ["rms", "l2"],
+                      "Gradient penalty norm: rms keeps the critic 1-Lipschitz w.r.t. the RMS distance between "
+                      "deformations (voxels); l2 w.r.t. the Euclidean norm over all values (textbook WGAN-GP).")
     # Loop
     flags.DEFINE_string("out_dir", None, "Run directory: config.json, checkpoints, TensorBoard logs.")
     flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its latest checkpoint.")

@@ -6,40 +6,55 @@ The paper (Tran et al., TMI 2022) writes, for the student's final deformation ph
     l_dis = || D(phi_s) - D(phi_t) ||_2^2 + lambda * (|| grad_{phi_hat} D(phi_hat) ||_2 - 1)^2
     phi_hat = beta * phi_t + (1 - beta) * phi_s
 
-with D a critic over deformations. It does not spell out the critic's own objective. Ours (all per sample, ``[B]``):
+with D a critic over deformations whose first layer "injects the condition information with a matched tensor
+dimension". It does not spell out the critic's own objective. Ours (all per sample, ``[B]``):
 
-* critic step: ``L_D = D(phi_s) - D(phi_t) + lambda * GP(phi_hat)`` -- the WGAN-GP critic objective, teacher flows
-  playing "real" and student flows "fake" (the released code's sign), with the penalty at the paper's joint
-  deformation phi_hat, its gradient taken with a GradientTape;
+* the critic sees ``concat([phi, fixed, moving])``: the deformation together with the pair it registers (the
+  condition, ``--critic_condition=images``, default), so it can learn which deformations fit which pair, not only
+  what teacher deformations look like in general (``--critic_condition=none`` gives it the deformation alone);
+* critic step: ``L_D = D(phi_s) - D(phi_t) + lambda * GP(phi_hat)``, the WGAN-GP critic objective with teacher
+  deformations as "real" and student ones as "fake" (the released code's sign), the penalty at the paper's joint
+  deformation phi_hat, its gradient taken with a GradientTape. The penalty keeps D 1-Lipschitz with respect to the
+  **RMS** distance between deformations, in voxels (``--gp_norm=rms``, default): ``(sqrt(N) ||grad D||_2 - 1)^2``
+  with N = 3 D H W values per deformation. Then D's scores are in voxels at every grid size, and the gradient it
+  passes to the student (norm ~ 1/sqrt(N), ~1e-3 at 64^3) is commensurate with the reconstruction loss's (measured
+  ~5e-4 at 64^3). With the plain Euclidean norm (``--gp_norm=l2``, the textbook WGAN-GP) that gradient is ~2000x
+  larger and the student follows the critic alone;
 * student step, ``l_dis`` (``--dis_loss``), a distance between the critic's views of the two deformations:
 
-  - ``"abs"`` (default): ``|D(phi_s) - D(phi_t)|``. With the WGAN critic (linear output, scores ranked teacher
-    above student) its gradient is the WGAN generator's, ``-grad D(phi_s)``, of bounded size;
-  - ``"square"``: the paper's literal ``(D(phi_s) - D(phi_t))^2``. Its gradient grows with the gap, so with an
-    unbounded (linear) critic it diverges; it is only usable with the sigmoid critic;
-  - ``"feature"``: ``mean((F(phi_s) - F(phi_t))^2)`` over the critic's last feature map F (whose mean is D),
-    i.e. feature matching, another reading of the paper's norm.
+  - ``"abs"`` (default): ``|D(phi_s) - D(phi_t)|``. With the WGAN critic ranking teacher above student, its
+    gradient is the WGAN generator's, ``-grad D(phi_s)``, of bounded size;
+  - ``"square"``: the paper's literal ``(D(phi_s) - D(phi_t))^2``, whose gradient grows with the gap; usable with
+    the sigmoid critic only;
+  - ``"feature"``: ``mean((F(phi_s) - F(phi_t))^2)`` over the critic's last feature map F (whose mean is D).
 
   The gradient penalty regularises the critic only (for the student it would need second-order gradients
   through D and constrains nothing the student controls).
 
-Why these defaults (measured on the synthetic demo, 64^3, 600 student steps; see README "ALDK"): with the paper's
-sigmoid critic the penalty term stayed at ~1.0 (the critic's gradient w.r.t. the flow vanished: a mean of
-saturated sigmoids), the student got no useful gradient and stopped improving (validation Dice 0.40 vs 0.66
-without ALDK); with a linear critic and the paper's lambda = 0.1 the critic's scores grew without bound (1e4 within
-150 steps) and the squared loss exploded (1e8). A linear critic with the standard WGAN-GP weight lambda = 10 and
-the absolute difference is stable.
+Measured on the synthetic demo (64^3, 600 student steps; README "ALDK" has the table): with the paper's sigmoid
+critic the penalty stayed at ~1.0 (the critic's gradient vanished: a mean of saturated sigmoids) and the student
+stopped improving (validation Dice 0.40 vs 0.66 without ALDK); with a linear critic and the paper's lambda = 0.1
+the critic's scores grew without bound (1e4 within 150 steps) and the squared loss exploded (1e8).
 
-Each function takes the critic as a callable ``flow [B, D, H, W, 3] -> [B]``.
+`critic` is a callable ``[B, D, H, W, C] -> [B]`` (`networks.critic.Critic`); `condition` is ``[B, D, H, W, 2]``
+(fixed, moving) or None.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["gradient_penalty", "critic_losses", "discrimination_loss", "joint_deformation", "DIS_LOSSES"]
+__all__ = ["critic_input", "gradient_penalty", "critic_losses", "discrimination_loss", "joint_deformation",
+           "DIS_LOSSES", "GP_NORMS"]
 
 _NORM_EPS = 1e-12  # keeps the gradient of sqrt finite at a zero gradient
+DIS_LOSSES = ("abs", "square", "feature")
+GP_NORMS = ("rms", "l2")
+
+
+def critic_input(flow, condition=None) -> tf.Tensor:
+    """What the critic sees: the flow, with the image pair appended when conditioned."""
+    return flow if condition is None else tf.concat([flow, tf.cast(condition, flow.dtype)], axis=-1)
 
 
 def joint_deformation(phi_s, phi_t, beta: float) -> tf.Tensor:
@@ -47,45 +62,50 @@ def joint_deformation(phi_s, phi_t, beta: float) -> tf.Tensor:
     return beta * phi_t + (1.0 - beta) * phi_s
 
 
-def gradient_penalty(critic, phi_hat, training: bool = True) -> tf.Tensor:
-    """``(|| d D(phi_hat) / d phi_hat ||_2 - 1)^2`` per sample, the norm over all voxels and channels. ``[B]``."""
+def gradient_penalty(critic, phi_hat, condition=None, norm: str = "rms", training: bool = True) -> tf.Tensor:
+    """``(s * || d D(phi_hat) / d phi_hat ||_2 - 1)^2`` per sample (``[B]``), the norm over all voxels and channels
+    of the deformation (not the condition); ``s = sqrt(3 D H W)`` for ``norm="rms"``, 1 for ``"l2"``."""
+    if norm not in GP_NORMS:
+        raise ValueError(f"norm: expected one of {GP_NORMS}, got {norm!r}")
     phi_hat = tf.convert_to_tensor(phi_hat)
     with tf.GradientTape() as tape:
         tape.watch(phi_hat)
         # samples are independent, so the gradient of the sum holds each sample's own gradient
-        total = tf.reduce_sum(critic(phi_hat, training=training))
+        total = tf.reduce_sum(critic(critic_input(phi_hat, condition), training=training))
     grad = tape.gradient(total, phi_hat)
-    norm = tf.sqrt(tf.reduce_sum(tf.square(grad), axis=[1, 2, 3, 4]) + _NORM_EPS)
-    return tf.square(norm - 1.0)
+    length = tf.sqrt(tf.reduce_sum(tf.square(grad), axis=[1, 2, 3, 4]) + _NORM_EPS)
+    if norm == "rms":
+        length = length * tf.sqrt(tf.cast(tf.reduce_prod(tf.shape(phi_hat)[1:]), length.dtype))
+    return tf.square(length - 1.0)
 
 
-def critic_losses(critic, phi_s, phi_t, beta: float, lambda_gp: float) -> dict:
+def critic_losses(critic, phi_s, phi_t, beta: float, lambda_gp: float, condition=None, gp_norm: str = "rms") -> dict:
     """The critic step's terms, per sample: ``{"loss", "d_student", "d_teacher", "gp"}``.
 
-    `phi_s` and `phi_t` are treated as constants (gradients reach only the critic).
+    `phi_s`, `phi_t` and `condition` are treated as constants (gradients reach only the critic).
     """
     phi_s = tf.stop_gradient(phi_s)
     phi_t = tf.stop_gradient(phi_t)
-    d_s = critic(phi_s, training=True)
-    d_t = critic(phi_t, training=True)
-    gp = gradient_penalty(critic, joint_deformation(phi_s, phi_t, beta))
+    condition = None if condition is None else tf.stop_gradient(condition)
+    d_s = critic(critic_input(phi_s, condition), training=True)
+    d_t = critic(critic_input(phi_t, condition), training=True)
+    gp = gradient_penalty(critic, joint_deformation(phi_s, phi_t, beta), condition, gp_norm)
     return {"loss": d_s - d_t + lambda_gp * gp, "d_student": d_s, "d_teacher": d_t, "gp": gp}
 
 
-DIS_LOSSES = ("abs", "square", "feature")
-
-
-def discrimination_loss(critic, phi_s, phi_t, mode: str = "abs") -> tf.Tensor:
+def discrimination_loss(critic, phi_s, phi_t, mode: str = "abs", condition=None) -> tf.Tensor:
     """The student's ``l_dis`` per sample (``[B]``); gradients reach phi_s (and so the student), not phi_t.
 
     ``mode``: ``"abs"`` ``|D(phi_s) - D(phi_t)|``, ``"square"`` ``(D(phi_s) - D(phi_t))^2`` or ``"feature"``
     (mean squared difference of the critic's last feature maps, ``critic.features``).
     """
     phi_t = tf.stop_gradient(phi_t)
+    condition = None if condition is None else tf.stop_gradient(condition)
+    x_s, x_t = critic_input(phi_s, condition), critic_input(phi_t, condition)
     if mode == "feature":
-        diff = critic.features(phi_s, training=False) - critic.features(phi_t, training=False)
+        diff = critic.features(x_s, training=False) - critic.features(x_t, training=False)
         return tf.reduce_mean(tf.square(diff), axis=[1, 2, 3, 4])
-    gap = critic(phi_s, training=False) - critic(phi_t, training=False)
+    gap = critic(x_s, training=False) - critic(x_t, training=False)
     if mode == "abs":
         return tf.abs(gap)
     if mode == "square":

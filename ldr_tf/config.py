@@ -46,6 +46,8 @@ class TrainConfig:
     critic_lr: float | None = None
     critic_output: str = "linear"
     dis_loss: str = "abs"
+    critic_condition: str = "images"
+    gp_norm: str = "rms"
     out_dir: str = ""
     checkpoint_every: int = 1000
     val_every: int = 1000

@@ -112,7 +112,8 @@ class Trainer:
                 from networks.critic import Critic
 
                 self.critic = Critic(output_activation=cfg.critic_output)
-                self.critic(tf.zeros([1, *self.image_size, 3]))
+                channels = 3 + (2 if cfg.critic_condition == "images" else 0)  # flow (+ fixed, moving)
+                self.critic(tf.zeros([1, *self.image_size, channels]))
                 self.critic_optimizer = keras.optimizers.Adam(cfg.critic_lr or cfg.lr)
                 self.critic_optimizer.build(self.critic.trainable_variables)
                 objects.update(critic=self.critic, critic_optimizer=self.critic_optimizer)
@@ -180,12 +181,13 @@ class Trainer:
         fixed, moving = batch["fixed"], batch["moving"]
         pair = tf.concat([fixed, moving], axis=-1)
         phi_t = self._teacher_flow(batch, pair) if cfg.uses_teacher else None
+        condition = pair if cfg.critic_condition == "images" else None
         with tf.GradientTape() as tape:
             out = self.model(pair, training=True)
             rec = losses.correlation_loss(fixed, out["warped"], "none")
             regs = cfg.reg_weight * out["smoothness"] + cfg.affine_weight * (out["det_loss"] + out["ortho_loss"])
             if cfg.uses_critic:
-                dis = aldk.discrimination_loss(self.critic, out["agg_flow"], phi_t, cfg.dis_loss)
+                dis = aldk.discrimination_loss(self.critic, out["agg_flow"], phi_t, cfg.dis_loss, condition)
                 per_sample = cfg.gamma * rec + (1.0 - cfg.gamma) * dis + regs
             else:
                 per_sample = rec + regs
@@ -208,7 +210,8 @@ class Trainer:
             cvars = self.critic.trainable_variables
             for _ in range(cfg.critic_steps):
                 with tf.GradientTape() as ctape:
-                    terms = aldk.critic_losses(self.critic, phi_s, phi_t, cfg.beta, cfg.lambda_gp)
+                    terms = aldk.critic_losses(self.critic, phi_s, phi_t, cfg.beta, cfg.lambda_gp, condition,
+                                               cfg.gp_norm)
                     closs = tf.reduce_sum(terms["loss"])
                 cgrads = ctape.gradient(closs, cvars)
                 self.critic_optimizer.apply_gradients(zip(cgrads, cvars))

@@ -81,7 +81,7 @@ def test_aldk_step_updates_student_and_critic_not_teacher(tmp_path, data_dir, te
     pair = tf.concat([batch["fixed"], batch["moving"]], -1)
     phi_t = t.teacher_fn(pair)
     with tf.GradientTape() as tape:
-        dis = tf.reduce_sum(aldk.discrimination_loss(t.critic, t.model(pair)["agg_flow"], phi_t))
+        dis = tf.reduce_sum(aldk.discrimination_loss(t.critic, t.model(pair)["agg_flow"], phi_t, condition=pair))
     grads = tape.gradient(dis, t.model.trainable_variables)
     assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
 
@@ -94,7 +94,9 @@ def test_gradient_penalty_of_a_linear_critic_is_analytic(rng):
 
     phi = tf.constant(rng.standard_normal((2, 4, 4, 4, 3)).astype(np.float32))
     expected = (np.linalg.norm(w.numpy()) - 1.0) ** 2
-    np.testing.assert_allclose(aldk.gradient_penalty(critic, phi).numpy(), [expected, expected], rtol=1e-5)
+    np.testing.assert_allclose(aldk.gradient_penalty(critic, phi, norm="l2").numpy(), [expected, expected], rtol=1e-5)
+    rms = (np.linalg.norm(w.numpy()) * np.sqrt(w.numpy().size) - 1.0) ** 2  # Lipschitz w.r.t. the RMS distance
+    np.testing.assert_allclose(aldk.gradient_penalty(critic, phi).numpy(), [rms, rms], rtol=1e-5)
 
 
 def test_gradient_penalty_matches_finite_differences(rng):
@@ -104,7 +106,7 @@ def test_gradient_penalty_matches_finite_differences(rng):
     critic = Critic(channels=(2, 2, 2, 2, 2), output_activation="linear")
     phi = tf.constant(rng.standard_normal((1, 32, 32, 32, 3)).astype(np.float32))
     critic(phi)
-    gp = float(aldk.gradient_penalty(critic, phi)[0])
+    gp = float(aldk.gradient_penalty(critic, phi, norm="l2")[0])
     # The penalty uses the norm of g = dD/dphi. Along the unit direction v = g/|g| the directional derivative
     # equals |g|, so a central finite difference along v must reproduce the penalty; a random direction u
     # checks the gradient itself (<g, u>).

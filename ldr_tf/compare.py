@@ -1,0 +1,341 @@
+"""``python -m ldr_tf.compare``: methods side by side on the same pairs, scored on the fixed scan's native grid.
+
+Every method registers the ORIGINAL NIfTI scans of each pair of a dataset subset (their paths are stored in the
+HDF5 attributes by the import tools); its warped moving label map is scored against the fixed label map on the
+fixed scan's own voxel grid, so learned models (which work on a 64^3 or 128^3 grid) and classical methods (which
+work at native resolution) are judged identically.
+
+Methods (``--method=name=spec``, repeatable, in order):
+
+* ``identity``: the moving labels brought onto the fixed grid through the two NIfTI affines only;
+* ``<run dir>:affine``: the affine first stage of a trained model alone;
+* ``<SavedModel dir>`` or ``<run dir>``: a learned model (teacher, student, ...): the scans are preprocessed as the
+  dataset was (its ``preprocessing`` spec), registered on the grid, and the flow is mapped back
+  (`ldr_tf.preprocess.Geometry.flow_to_original`);
+* ``ants:SyN`` (or any ANTsPy ``type_of_transform``, e.g. ``ants:Affine``): ANTs through ``antspyx``
+  (``pip install .[peers]``), on the full native scans, labels resampled with ``genericLabel``.
+
+Per method: mean and median (over pairs) of each pair's Dice and Jaccard (a pair's score = mean over the labels
+present in the fixed map, background excluded), % of fixed-grid voxels where the mapping folds (det J <= 0), and
+seconds per pair for the registration itself (learned: preprocessing + model + mapping back, the model call alone
+also given; ANTs: ``ants.registration``), all with ``--threads`` threads (default 2). Text table, JSON and a
+Dice-vs-seconds figure (log scale).
+
+Example::
+
+    python -m ldr_tf.compare --dataset=brain --subset=test --out=compare/brain \\
+        --method=identity --method=affine=runs/teacher:affine --method=teacher=models/teacher \\
+        --method=student=models/student --method=student_noaldk=models/student_noaldk --method=ants_syn=ants:SyN
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+
+from flags import common_flags
+from ldr_tf import cli
+from ldr_tf.config import save_json_atomic
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    if "method" in FLAGS:
+        return
+    common_flags.define_data_flags()
+    common_flags.define_runtime_flags()
+    flags.DEFINE_multi_string("method", [], "name=spec (see module doc); a bare 'identity' or spec also works.")
+    flags.DEFINE_string("subset", "test", "Scheme or subset whose pairs are compared.")
+    flags.DEFINE_integer("max_pairs", 0, "Only the first N pairs (0 = all).")
+    flags.DEFINE_string("out", None, "Output prefix: <out>.txt, <out>.json, <out>.png.")
+
+
+# ------------------------------------------------------------------------------------------- scans
+
+
+def source_paths(desc, key: str) -> dict:
+    """Original image / label NIfTI paths of a subject, from its HDF5 attributes (``source_file``, ``label_file``)."""
+    import h5py
+
+    path, group = desc.file_for(key)
+    with h5py.File(path, "r") as h5:
+        attrs = dict(h5[group].attrs)
+    src, lab = attrs.get("source_file"), attrs.get("label_file")
+    if not src or not Path(str(src)).is_file():
+        raise ValueError(f"{path}: subject '{key}' has no readable source_file attribute ({src}); compare needs "
+                         "datasets made by the import tools, with the original scans still in place")
+    return {"image": str(src), "labels": str(lab) if lab else None}
+
+
+class Scan:
+    """A loaded NIfTI scan with its label map."""
+
+    def __init__(self, key: str, paths: dict):
+        from ldr_tf import nifti
+
+        self.key = key
+        self.image = nifti.load(paths["image"], "image")
+        self.labels = nifti.load(paths["labels"], "labels", like=self.image) if paths["labels"] else None
+
+    @property
+    def affine(self):
+        return np.asarray(self.image.affine, np.float64)
+
+
+def _grid(shape) -> np.ndarray:
+    return np.moveaxis(np.indices(shape, dtype=np.float32), 0, -1)
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+
+class Method:
+    """Registers (fixed, moving) scans; returns moving voxel positions for every fixed voxel, or warped labels."""
+
+    name = "method"
+    parameters = None
+
+    def register(self, fixed: Scan, moving: Scan) -> dict:  # pragma: no cover (interface)
+        raise NotImplementedError
+
+
+class Identity(Method):
+    def __init__(self, name="identity"):
+        self.name = name
+        self.parameters = 0
+
+    def register(self, fixed, moving):
+        t = time.perf_counter()
+        m = np.linalg.inv(moving.affine) @ fixed.affine
+        coords = _grid(fixed.image.shape) @ m[:3, :3].T.astype(np.float32) + m[:3, 3].astype(np.float32)
+        return {"coords": coords, "seconds": time.perf_counter() - t, "model_seconds": 0.0}
+
+
+class Learned(Method):
+    """A SavedModel or run dir (optionally only its affine stage), with the dataset's preprocessing."""
+
+    def __init__(self, name: str, spec: str, preprocessing):
+        from ldr_tf.registrar import open_registrar
+
+        stage = "full"
+        if spec.endswith(":affine"):
+            spec, stage = spec[: -len(":affine")], "affine"
+        self.name = name
+        self.registrar = open_registrar(spec, stage=stage)
+        self.parameters = self.registrar.parameters
+        grid = tuple(self.registrar.image_size)
+        from ldr_tf.preprocess import Preprocessing
+
+        self.spec = Preprocessing.from_dict({**preprocessing.to_dict(), "grid_size": list(grid)})
+        zeros = np.zeros((1, *grid, 1), np.float32)
+        self.registrar(zeros, zeros)  # warm-up (tracing, XLA compilation) outside the timings
+
+    def register(self, fixed, moving):
+        from ldr_tf import preprocess
+
+        t = time.perf_counter()
+        f_vol, _, _, f_geom = preprocess.apply(self.spec, fixed.image, fixed.labels)
+        m_vol, _, _, m_geom = preprocess.apply(self.spec, moving.image, moving.labels)
+        t_model = time.perf_counter()
+        res = self.registrar(f_vol[None, ..., None].astype(np.float32) / 255.0,
+                             m_vol[None, ..., None].astype(np.float32) / 255.0)
+        model_s = time.perf_counter() - t_model
+        vox, _ = f_geom.flow_to_original(res["flow"][0], moving=m_geom)
+        coords = _grid(fixed.image.shape) + vox
+        return {"coords": coords, "seconds": time.perf_counter() - t, "model_seconds": model_s}
+
+
+class Ants(Method):
+    """ANTs registration through antspyx; the moving labels are resampled with ``genericLabel``."""
+
+    def __init__(self, name: str, transform: str = "SyN", threads: int = 2):
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+        try:
+            import ants  # noqa: F401
+        except ImportError:
+            raise ValueError(f"method {name}: antspyx is not installed (pip install '.[peers]')") from None
+        self.name = name
+        self.transform = transform
+        self.parameters = None
+
+    @staticmethod
+    def _to_ants(img, dtype=np.float32):
+        """nibabel image -> ANTsImage with the same voxel grid and physical placement."""
+        import ants
+        import nibabel as nib
+
+        return ants.from_nibabel_nifti(nib.Nifti1Image(np.asarray(img.dataobj, dtype), img.affine))
+
+    def register(self, fixed, moving):
+        import ants
+
+        f = self._to_ants(fixed.image)
+        m = self._to_ants(moving.image)
+        t = time.perf_counter()
+        reg = ants.registration(fixed=f, moving=m, type_of_transform=self.transform)
+        seconds = time.perf_counter() - t
+        lab = self._to_ants(moving.labels)
+        warped = ants.apply_transforms(fixed=f, moving=lab, transformlist=reg["fwdtransforms"],
+                                       interpolator="genericLabel")
+        out = {"labels": np.rint(warped.numpy()).astype(np.int32), "seconds": seconds, "model_seconds": seconds}
+        # folding: the composite displacement field (fixed -> moving, physical mm) on the fixed grid
+        comp = ants.apply_transforms(fixed=f, moving=m, transformlist=reg["fwdtransforms"],
+                                     compose=str(Path(reg["fwdtransforms"][0]).with_suffix("")) + "_comp")
+        field = ants.image_read(comp).numpy()  # [X, Y, Z, 3] in mm (LPS)
+        spacing = np.asarray(f.spacing, np.float64)
+        direction = np.asarray(f.direction, np.float64)
+        # displacement in fixed voxel units along each voxel axis: D^-1 d / spacing
+        vox = (field @ np.linalg.inv(direction).T) / spacing
+        out["jac_field"] = vox.astype(np.float32)
+        for p in reg["fwdtransforms"] + reg["invtransforms"] + [comp]:
+            if os.path.exists(p):
+                os.unlink(p)
+        return out
+
+
+def parse_method(item: str, preprocessing, threads: int) -> Method:
+    name, _, spec = item.partition("=")
+    if not spec:
+        name, spec = (item, item) if item == "identity" else (Path(item.split(":")[0]).name, item)
+    if spec == "identity":
+        return Identity(name)
+    if spec.startswith("ants:"):
+        return Ants(name, spec.split(":", 1)[1] or "SyN", threads)
+    if preprocessing is None:
+        raise ValueError(f"method {name}: the dataset has no NIfTI preprocessing spec to repeat (was it made by the "
+                         "import tools?)")
+    return Learned(name, spec, preprocessing)
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def score(method: Method, fixed: Scan, moving: Scan) -> dict:
+    from ldr_tf import metrics
+    from ldr_tf.predict import label_overlap, sample_native
+
+    res = method.register(fixed, moving)
+    if "labels" in res:
+        warped = res["labels"]
+        field = res["jac_field"]
+    else:
+        warped = sample_native(np.asarray(moving.labels.dataobj), res["coords"], labels=True)
+        field = res["coords"] - _grid(fixed.image.shape)
+    ov = label_overlap(np.asarray(fixed.labels.dataobj), warped)
+    jac = metrics.jacobian_stats(field)
+    return {"dice": ov["dice"], "jaccard": ov["jaccard"], "labels": ov["labels"], "folding_pct": jac["folding_pct"],
+            "jac_std": jac["jac_std"], "seconds": res["seconds"], "model_seconds": res["model_seconds"]}
+
+
+def _stat(values):
+    v = np.array([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], np.float64)
+    if not v.size:
+        return {"mean": None, "median": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "median": float(np.median(v)), "std": float(v.std()), "n": int(v.size)}
+
+
+def compare(methods, desc, subset: str, max_pairs: int = 0, progress: bool = True) -> dict:
+    from ldr_tf.pairs import pairs_for
+    from ldr_tf.progress import Progress
+
+    pairs = pairs_for(desc, subset)
+    if max_pairs:
+        pairs = pairs[:max_pairs]
+    rows = {m.name: [] for m in methods}
+    bar = Progress(len(pairs) * len(methods), label="compare", unit="registration", enabled=progress)
+    scans = {}
+    done = 0
+    for fixed_key, moving_key in pairs:
+        for key in (fixed_key, moving_key):
+            if key not in scans:
+                scans[key] = Scan(key, source_paths(desc, key))
+        fixed, moving = scans[fixed_key], scans[moving_key]
+        if fixed.labels is None or moving.labels is None:
+            raise ValueError(f"pair {fixed_key} -> {moving_key}: both scans need a label map")
+        for m in methods:
+            r = score(m, fixed, moving)
+            rows[m.name].append({"fixed": fixed_key, "moving": moving_key, **r})
+            done += 1
+            bar.update(done, [(m.name, r["dice"])])
+        if moving_key != fixed_key:
+            scans.pop(moving_key)  # keep memory flat (in atlas mode the fixed atlas stays loaded)
+    summary = []
+    for m in methods:
+        r = rows[m.name]
+        summary.append({"name": m.name, "parameters": m.parameters, "pairs": len(r),
+                        **{k: _stat([x[k] for x in r]) for k in
+                           ("dice", "jaccard", "folding_pct", "jac_std", "seconds", "model_seconds")}})
+    return {"pairs": rows, "summary": summary}
+
+
+def table(summary) -> str:
+    head = ("| method | Dice mean ± std | Dice median | Jaccard | % folding | s / pair (end to end) | s (model) |"
+            " parameters |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    f = lambda s, k="mean", d=3: "n/a" if s[k] is None else f"{s[k]:.{d}f}"  # noqa: E731
+    for s in summary:
+        p = f"{s['parameters']:,}" if s["parameters"] is not None else "-"
+        lines.append(f"| {s['name']} | {f(s['dice'])} ± {f(s['dice'], 'std')} | {f(s['dice'], 'median')} | "
+                     f"{f(s['jaccard'])} | {f(s['folding_pct'], d=3)} | {f(s['seconds'], d=2)} | "
+                     f"{f(s['model_seconds'], d=3)} | {p} |")
+    return "\n".join(lines)
+
+
+def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int = 2) -> dict:
+    """Compares `method_specs` (``name=spec`` strings) on `desc`'s `subset`; writes <out>.txt/.json/.png."""
+    from ldr_tf.preprocess import Preprocessing
+
+    pp = desc.extra.get("preprocessing")
+    preprocessing = Preprocessing.from_dict(pp) if isinstance(pp, dict) and "grid_size" in pp else None
+    methods = [parse_method(m, preprocessing, threads) for m in method_specs]
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must differ: {names}")
+    t0 = time.perf_counter()
+    res = compare(methods, desc, subset, max_pairs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = table(res["summary"])
+    header = (f"dataset {desc.path}, subset {subset}, {res['summary'][0]['pairs']} pairs, scored on the fixed "
+              f"scan's native grid; {threads} threads; {time.perf_counter() - t0:.0f} s wall")
+    tmp = out.with_name(out.name + ".txt.tmp")
+    tmp.write_text(header + "\n\n" + text + "\n")
+    os.replace(tmp, Path(str(out) + ".txt"))
+    save_json_atomic({"dataset": str(desc.path), "subset": subset, "threads": threads, "methods": list(method_specs),
+                      **res}, Path(str(out) + ".json"))
+    from tools import figures
+
+    figures.dice_vs_speed([{"name": s["name"], "dice": s["dice"]["mean"], "dice_std": s["dice"]["std"],
+                            "seconds": s["seconds"]["mean"]} for s in res["summary"]],
+                          Path(str(out) + ".png"), title=f"{Path(desc.path).stem} / {subset}: Dice on the "
+                                                         "native grid vs seconds per pair")
+    print(header)
+    print(text)
+    print(f"wrote {out}.txt, {out}.json, {out}.png")
+    return res
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.method or not FLAGS.out:
+        raise cli.UsageError("give at least one --method and --out")
+    threads = FLAGS.threads or 2
+    FLAGS.threads = threads
+    common_flags.apply_runtime_flags(FLAGS)
+    from ldr_tf import dataset
+
+    desc = dataset.load_descriptor(dataset.resolve_dataset(FLAGS.dataset, FLAGS.data_dir))
+    run(FLAGS.method, desc, FLAGS.subset, FLAGS.out, FLAGS.max_pairs, threads)
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, "ldr_tf.compare")

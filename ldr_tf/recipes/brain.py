@@ -1,0 +1,145 @@
+"""``python -m ldr_tf.recipes.brain``: the IXI brain recipe, from the raw scans to a comparison with ANTs SyN.
+
+Stages (``--stages``, all by default; each one resumes or skips what is already done, so the recipe can be run in
+pieces, interrupted with Ctrl-C and started again):
+
+1. ``import``: ``tools.import_ixi``: the 150 IXI T1 scans + 148-label DLMUSE maps -> ``brain.json`` + HDF5 at
+   ``--grid``^3, split by subject 110 / 10 / 30 (train / val / test), atlas-based (fixed = one training subject, the
+   atlas; moving = every other subject), like the original brain setup: one common space keeps the 148 labels
+   comparable and matches how the original LDR/RCN brain models were trained and evaluated;
+2. ``teacher``: VTN affine + ``--teacher_cascades`` VTN cascades (width ``--channels``), unsupervised;
+3. ``student``: the light-weight student (lite affine + ``--student_cascades`` LDR stems) with ALDK from the teacher;
+4. ``student_noaldk``: the same student without ALDK (the ablation);
+5. ``export``: the three models as SavedModels;
+6. ``compare``: identity, the teacher's affine stage alone, teacher, student, student without ALDK and ANTs SyN
+   (when ``antspyx`` is installed) on the test pairs, scored on the atlas' native grid (``ldr_tf.compare``).
+
+Defaults train on 2 CPU cores in about three hours in total (64^3 grid, checkpoints every 250 steps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import flags
+
+from flags import common_flags
+from ldr_tf import cli
+from ldr_tf.config import TrainConfig
+
+FLAGS = flags.FLAGS
+STAGES = ("import", "teacher", "student", "student_noaldk", "export", "compare")
+
+
+def define_flags() -> None:
+    if "work_dir" in FLAGS:
+        return
+    common_flags.define_runtime_flags()
+    flags.DEFINE_string("ixi_dir", None, "The IXI folder (t1/, dlmuse_seg/, meta/); default ../shared/data/ixi.")
+    flags.DEFINE_string("data_dir", None, "Where brain.json + brain.h5 go (default <work_dir>/data).")
+    flags.DEFINE_string("work_dir", "brain_out", "Runs, models and the comparison.")
+    flags.DEFINE_list("stages", list(STAGES), f"Stages to run, among {', '.join(STAGES)}.")
+    flags.DEFINE_integer("grid", 64, "Network grid (multiple of 64; 128 needs ~8x the time).")
+    flags.DEFINE_integer("teacher_cascades", 2, "VTN cascades of the teacher.")
+    flags.DEFINE_integer("student_cascades", 2, "LDR cascades of the student.")
+    flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 = the reference network.")
+    flags.DEFINE_integer("batch", 2, "Pairs per step.")
+    flags.DEFINE_integer("teacher_steps", 6000, "Teacher training steps.")
+    flags.DEFINE_integer("student_steps", 4000, "Student training steps (with and without ALDK alike).")
+    flags.DEFINE_float("lr", 1e-4, "Adam learning rate (RCN's step schedule).")
+    flags.DEFINE_bool("ants", True, "Include ANTs SyN in the comparison when antspyx is installed.")
+    flags.DEFINE_integer("max_pairs", 0, "Compare only the first N test pairs (0 = all 30).")
+
+
+def _train(cfg: TrainConfig):
+    """Runs or resumes one training run; a run already at its target step is left alone."""
+    import json
+
+    from ldr_tf import train
+
+    out = Path(cfg.out_dir)
+    ckpt = out / "checkpoints" / "checkpoint"
+    if ckpt.exists():
+        summary = out / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("steps") == cfg.steps:
+            print(f"{out}: already trained ({cfg.steps} steps)")
+            return
+        return train.run(cfg, resume=True)
+    return train.run(cfg)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    bad = sorted(set(FLAGS.stages) - set(STAGES))
+    if bad:
+        raise cli.UsageError(f"--stages: unknown {bad}; choose among {', '.join(STAGES)}")
+    common_flags.apply_runtime_flags(FLAGS)
+    work = Path(FLAGS.work_dir)
+    data_dir = Path(FLAGS.data_dir) if FLAGS.data_dir else work / "data"
+    runs, models = work / "runs", work / "models"
+    dataset = data_dir / "brain.json"
+    if "import" in FLAGS.stages and not dataset.is_file():
+        from tools import import_ixi
+
+        args = ["import_ixi", f"--data_dir={data_dir}", f"--grid_size={FLAGS.grid}"]
+        if FLAGS.ixi_dir:
+            args.append(f"--ixi_dir={FLAGS.ixi_dir}")
+        rc = import_ixi.run(args)
+        if rc:
+            raise cli.UsageError("the IXI import failed (see above)")
+    if not dataset.is_file():
+        raise cli.UsageError(f"{dataset} not found: run the import stage first")
+    common = dict(dataset=str(dataset), image_size=FLAGS.grid, batch=FLAGS.batch, lr=FLAGS.lr, lr_schedule="step",
+                  val_every=500, val_pairs=10, checkpoint_every=250, log_every=50, seed=FLAGS.seed)
+    teacher = TrainConfig(model="teacher", affine="vtn", cascades=FLAGS.teacher_cascades, channels=FLAGS.channels,
+                          steps=FLAGS.teacher_steps, out_dir=str(runs / "teacher"), **common)
+    student = dict(model="student", affine="lite", cascades=FLAGS.student_cascades, steps=FLAGS.student_steps,
+                   **common)
+    configs = {
+        "teacher": teacher,
+        "student": TrainConfig(aldk=True, teacher=str(runs / "teacher"), out_dir=str(runs / "student"), **student),
+        "student_noaldk": TrainConfig(aldk=False, out_dir=str(runs / "student_noaldk"), **student),
+    }
+    for stage in ("teacher", "student", "student_noaldk"):
+        if stage in FLAGS.stages:
+            print(f"\n=== {stage} ===", flush=True)
+            _train(configs[stage])
+    if "export" in FLAGS.stages:
+        from ldr_tf import export
+
+        for name in configs:
+            out = export.export_run(runs / name, models / name, overwrite=True)
+            print(f"exported {out}")
+    if "compare" in FLAGS.stages:
+        import sys
+
+        from ldr_tf import compare
+
+        methods = [
+            "identity",
+            f"affine={runs / 'teacher'}:affine",
+            f"teacher={models / 'teacher'}",
+            f"student_noaldk={models / 'student_noaldk'}",
+            f"student={models / 'student'}",
+        ]
+        try:
+            import ants  # noqa: F401
+
+            has_ants = True
+        except ImportError:
+            has_ants = False
+        if FLAGS.ants and has_ants:
+            methods.append("ants_syn=ants:SyN")
+        elif FLAGS.ants:
+            print("antspyx is not installed: ANTs SyN is left out (pip install '.[peers]')", file=sys.stderr)
+        from ldr_tf.dataset import load_descriptor
+
+        compare.run(methods, load_descriptor(dataset), "test", work / "compare" / "brain_test", FLAGS.max_pairs,
+                    FLAGS.threads or 2)
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, "ldr_tf.recipes.brain")
