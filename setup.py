@@ -30,7 +30,8 @@ setup(
         "matplotlib>=3.8",  # report figures (Dice-vs-speed plot, slice comparisons, overlays)
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy>=1.11"],  # scipy: independent oracle for the warp tests
+        # scipy: independent oracle for the warp tests; grpcio: the serving client tests (stand-in gRPC server)
+        "test": ["pytest>=8", "scipy>=1.11", "grpcio>=1.60"],
         # tools/serving (gRPC client). Also run `pip install --no-deps tensorflow-serving-api==2.21.0`: listing it
         # here would pull in the full `tensorflow` wheel next to tensorflow-cpu (its metadata requires it).
         "serving": ["grpcio>=1.60"],

@@ -40,8 +40,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("cascades", 1, "Cascades of the teacher and of the student.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 is the reference network.")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")
-    flags.DEFINE_integer("teacher_steps", 700, "Teacher training steps.")
-    flags.DEFINE_integer("student_steps", 600, "Student training steps (with and without ALDK alike).")
+    flags.DEFINE_integer("teacher_steps", 800, "Teacher training steps.")
+    flags.DEFINE_integer("student_steps", 500, "Student training steps (with and without ALDK alike).")
+    flags.DEFINE_float("gamma", 0.9, "ALDK's L_adv = gamma * l_rec + (1 - gamma) * l_dis. The paper's 0.3 lets the "
+                                     "adversarial term dominate a short run (README, ALDK).")
     flags.DEFINE_float("lr", 1e-4, "Adam learning rate of every run (constant schedule).")
     flags.DEFINE_bool("reuse", True, "Reuse stages already completed in --out_dir with the same settings.")
 
@@ -101,17 +103,14 @@ def _export(run_dir: Path, out: Path, reuse: bool) -> Path:
 
 
 def _evaluate(methods, desc, out_dir: Path) -> list:
-    """Evaluates every (name, registrar) on the validation pairs; writes <out_dir>/<name>.txt/.json."""
+    """Evaluates every (name, registrar) on the validation pairs; writes <out_dir>/<slug>.txt/.json."""
     from ldr_tf import evaluate
 
     rows = []
     for name, registrar in methods:
         print(f"-- {name}", flush=True)
-        res = evaluate.evaluate(registrar, desc, "2")
-        lines = [" ".join([r["fixed"], r["moving"]] + [evaluate._fmt(r[c]) for c in evaluate.COLUMNS])
-                 for r in res["pairs"]]
-        (out_dir / f"{name}.txt").write_text("\n".join(lines + evaluate.summary_lines(res["summary"])) + "\n")
-        save_json_atomic({"method": name, "parameters": registrar.parameters, **res}, out_dir / f"{name}.json")
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        res = evaluate.write_report(registrar, desc, out_dir / slug, "2", name=name)
         s = res["summary"]
         rows.append({
             "name": name, "parameters": registrar.parameters, "pairs": s["pairs"],
@@ -203,7 +202,7 @@ def write_report(out_dir: Path, rows, figs, stages: Stages, settings: dict, trai
               f"--lr_schedule=constant --out_dir={settings['runs']}/teacher",
               f"python -m ldr_tf.train --model=student --teacher={settings['runs']}/teacher "
               f"--dataset={settings['dataset']} --cascades={settings['cascades']} --steps={settings['student_steps']} "
-              f"--lr_schedule=constant --out_dir={settings['runs']}/student",
+              f"--gamma={settings['gamma']} --lr_schedule=constant --out_dir={settings['runs']}/student",
               f"python -m ldr_tf.export --checkpoint={settings['runs']}/student --out={settings['models']}/student",
               f"python -m ldr_tf.evaluate --model={settings['models']}/student --dataset={settings['dataset']} "
               "--subset=2 --out=eval/student",
@@ -238,7 +237,8 @@ def main(argv):
                               out_dir=str(runs / "teacher"), **common)
     student = dict(model="student", affine="lite", steps=FLAGS.student_steps,
                    val_every=max(FLAGS.student_steps // 4, 1), checkpoint_every=FLAGS.student_steps, **common)
-    aldk_cfg = TrainConfig(aldk=True, teacher=str(runs / "teacher"), out_dir=str(runs / "student"), **student)
+    aldk_cfg = TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=FLAGS.gamma, out_dir=str(runs / "student"),
+                           **student)
     plain_cfg = TrainConfig(aldk=False, out_dir=str(runs / "student_noaldk"), **student)
     summaries = {}
     summaries["teacher"] = stages.run("2. teacher", _train, teacher_cfg, FLAGS.reuse)
@@ -263,7 +263,7 @@ def main(argv):
     figs = stages.run("7. figures", _figures, methods, desc, figs_dir, rows)
     settings = {"size": FLAGS.size, "subjects": FLAGS.subjects, "cascades": FLAGS.cascades,
                 "channels": FLAGS.channels, "batch": FLAGS.batch, "teacher_steps": FLAGS.teacher_steps,
-                "student_steps": FLAGS.student_steps, "lr": FLAGS.lr, "seed": FLAGS.seed, "dataset": str(path),
+                "student_steps": FLAGS.student_steps, "gamma": FLAGS.gamma, "lr": FLAGS.lr, "seed": FLAGS.seed, "dataset": str(path),
                 "runs": str(runs), "models": str(models)}
     report = write_report(out, rows, figs, stages, settings, summaries)
     print("\n" + report.read_text().split("## Figures")[0])
