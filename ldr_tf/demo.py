@@ -36,7 +36,7 @@ def define_flags() -> None:
     flags.DEFINE_string("out_dir", "demo_out", "Where everything goes (data, runs, models, evaluation, report).")
     flags.DEFINE_string("data_dir", None, "Dataset folder (default <out_dir>/data).")
     flags.DEFINE_integer("size", 64, "Grid size of the synthetic data and the networks (multiple of 64).")
-    flags.DEFINE_integer("subjects", 24, "Synthetic subjects (the last 4 are the validation subset).")
+    flags.DEFINE_integer("subjects", 24, "Synthetic subjects (a sixth of them, at least 2, form the validation subset).")
     flags.DEFINE_integer("cascades", 1, "Cascades of the teacher and of the student.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 is the reference network.")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")

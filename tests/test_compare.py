@@ -1,0 +1,72 @@
+"""compare: every method scored on the fixed scan's native grid, from the original NIfTI scans."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ldr_tf import compare, dataset
+from ldr_tf.predict import label_overlap
+from tests.test_export import shared_student
+from tests.test_predict import _fixed_affine, _phantom, _world
+from tools import import_nifti
+
+SHAPE = (30, 34, 28)
+
+
+@pytest.fixture(scope="module")
+def brain_like(tmp_path_factory):
+    """Three phantom subjects (shifted anatomy) imported at 32^3 with an atlas, like the IXI recipe."""
+    root = tmp_path_factory.mktemp("cmp")
+    affine = _fixed_affine()
+    for i, shift in enumerate([(0, 0, 0), (3.0, -2.0, 1.5), (-2.5, 2.5, -1.0)]):
+        lab, img = _phantom(_world(affine, SHAPE) + np.array(shift))
+        (root / "img").mkdir(exist_ok=True)
+        (root / "seg").mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(img, affine), str(root / "img" / f"s{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, affine), str(root / "seg" / f"s{i}.nii.gz"))
+    out = root / "data" / "phantom.json"
+    rc = import_nifti.run(["import_nifti", f"--images={root}/img/{{id}}.nii.gz", f"--labels={root}/seg/{{id}}.nii.gz",
+                           f"--output={out}", "--recipe=brain", "--grid_size=32", "--atlas=s0", "--val_fraction=0",
+                           "--test_fraction=0", "--progress=false"])
+    assert rc == 0
+    return dataset.load_descriptor(out)
+
+
+def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, tmp_path_factory):
+    student = shared_student(tmp_path_factory)
+    subset = next(iter(brain_like.subsets))
+    out = tmp_path / "cmp"
+    res = compare.run(["identity", f"student={student['export']}"], brain_like, subset, out)
+    for suffix in (".txt", ".json", ".png"):
+        assert (tmp_path / f"cmp{suffix}").is_file()
+    summary = {s["name"]: s for s in res["summary"]}
+    assert summary["identity"]["pairs"] == summary["student"]["pairs"] == 2
+    # identity = the moving labels through the NIfTI affines: here the same grid, so the label maps themselves
+    for row in res["pairs"]["identity"]:
+        f = np.asarray(nib.load(compare.source_paths(brain_like, row["fixed"])["labels"]).dataobj)
+        m = np.asarray(nib.load(compare.source_paths(brain_like, row["moving"])["labels"]).dataobj)
+        assert row["dice"] == pytest.approx(label_overlap(f, m)["dice"], abs=1e-9)
+        assert row["folding_pct"] == 0.0
+    assert summary["student"]["parameters"] > 0
+    assert all(0.0 <= r["dice"] <= 1.0 and r["seconds"] > 0 for r in res["pairs"]["student"])
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["methods"] == ["identity", f"student={student['export']}"]
+    assert "| identity |" in (tmp_path / "cmp.txt").read_text()
+
+
+def test_bad_methods(brain_like, tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        compare.run(["x=/nonexistent/model"], brain_like, next(iter(brain_like.subsets)), tmp_path / "c")
+    with pytest.raises(ValueError, match="must differ"):
+        compare.run(["identity", "identity"], brain_like, next(iter(brain_like.subsets)), tmp_path / "c")
+
+
+def test_ants_affine_improves_on_identity(brain_like, tmp_path):
+    pytest.importorskip("ants")
+    subset = next(iter(brain_like.subsets))
+    res = compare.run(["identity", "ants=ants:Affine"], brain_like, subset, tmp_path / "c", max_pairs=1)
+    s = {x["name"]: x for x in res["summary"]}
+    assert s["ants"]["dice"]["mean"] > s["identity"]["dice"]["mean"]
+    assert s["ants"]["folding_pct"]["mean"] == 0.0
