@@ -45,10 +45,13 @@ def latest_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> st
     raise ValueError(f"{ckpt_dir}: no checkpoint for step {step}")
 
 
-def restore_model(run_dir: str | os.PathLike, step: int | None = None):
-    """Rebuilds a run's network and restores its weights. Returns ``(model, run_config_dict)``."""
+def restore_model(run_dir: str | os.PathLike, step: int | None = None, overrides: dict | None = None):
+    """Rebuilds a run's network and restores its weights. Returns ``(model, run_config_dict)``.
+
+    `overrides` changes fields of the network config that do not change the weights (``compute_dtype``).
+    """
     run_cfg = load_run_config(run_dir)
-    model = build_network(run_cfg["network"])
+    model = build_network({**run_cfg["network"], **(overrides or {})})
     prefix = latest_checkpoint(run_dir, step)
     status = tf.train.Checkpoint(model=model).restore(prefix)
     status.expect_partial()  # optimizers and the critic are not needed here

@@ -244,3 +244,17 @@ def test_load_metadata_errors(tmp_path):
         export.load_metadata(tmp_path)
     (tmp_path / "ldr_tf_export.json").write_text(json.dumps({"image_size": [1, 2, 3]}))
     assert export.load_metadata(tmp_path)["image_size"] == [1, 2, 3]
+
+
+def test_bfloat16_export_is_close_to_float32(student, tmp_path):
+    out = export.export_run(student["run"], tmp_path / "bf16", bfloat16=True)
+    meta = export.load_metadata(out)
+    assert meta["network"]["compute_dtype"] == "bfloat16"
+    loaded = tf.saved_model.load(str(out))
+    args = {k: tf.constant(np.load(student["arrays"] / f"{k}.npy")) for k in ("fixed", "moving")}
+    got = loaded.signatures["register"](**args)
+    assert got["flow"].dtype == tf.float32
+    ref = student["ref"]["flow"]
+    err = np.abs(got["flow"].numpy() - ref)
+    # bfloat16 keeps 8 mantissa bits in the convolutions: flows agree to a small fraction of their size
+    assert err.mean() < 0.02 * np.abs(ref).mean() + 1e-3 and err.max() < 0.5

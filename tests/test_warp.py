@@ -194,3 +194,15 @@ def test_other_bad_inputs():
         W.sample_points(z, np.zeros((1, 4, 2), np.float32))
     with pytest.raises(ValueError, match="A: expected"):
         W.affine_to_flow(np.eye(3, dtype=np.float32), np.zeros((1, 3), np.float32), (4, 4, 4))
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_upsample_flow_equals_the_border_clamped_sampler(rng, sampler, factor):
+    coarse = rng.standard_normal((2, 5, 4, 6, 3)).astype(np.float32)
+    fine = W.upsample_flow(coarse, factor).numpy()
+    assert fine.shape == (2, 5 * factor, 4 * factor, 6 * factor, 3)
+    for b in range(2):
+        pos = (_grid(fine.shape[1:4]) + 0.5) / factor - 0.5
+        ref = np.stack([map_coordinates(coarse[b, ..., c].astype(np.float64), np.moveaxis(pos, -1, 0), order=1,
+                                        mode="nearest") for c in range(3)], -1) * factor
+        np.testing.assert_allclose(fine[b], ref, atol=1e-5)
