@@ -647,7 +647,6 @@ def run() -> dict:
     machine = machine_info()
     runtime = tf_runtime_info()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    threads = FLAGS.threads or machine["cpus_usable"]
     print(f"{PROG}: {machine['cpu_model']}, {machine['cpu_count']} CPUs ({machine['cpus_usable']} usable), "
           f"AVX-512 {'yes' if machine['avx512f'] else 'no'}, AVX-512 BF16 {'yes' if machine['avx512_bf16'] else 'no'}"
           f", AMX-BF16 {'yes' if machine['amx_bf16'] else 'no'}, {machine['memory_mb']} MB RAM, load average "

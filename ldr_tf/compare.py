@@ -218,7 +218,7 @@ def parse_method(item: str, preprocessing, threads: int) -> Method:
 
 def score(method: Method, fixed: Scan, moving: Scan) -> dict:
     from ldr_tf import metrics
-    from ldr_tf.predict import label_overlap, sample_native
+    from ldr_tf.predict import sample_native
 
     res = method.register(fixed, moving)
     if "labels" in res:
@@ -227,7 +227,7 @@ def score(method: Method, fixed: Scan, moving: Scan) -> dict:
     else:
         warped = sample_native(np.asarray(moving.labels.dataobj), res["coords"], labels=True)
         field = res["coords"] - _grid(fixed.image.shape)
-    ov = label_overlap(np.asarray(fixed.labels.dataobj), warped)
+    ov = metrics.label_overlap(np.asarray(fixed.labels.dataobj), warped)
     jac = metrics.jacobian_stats(field)
     return {"dice": ov["dice"], "jaccard": ov["jaccard"], "labels": ov["labels"], "folding_pct": jac["folding_pct"],
             "jac_std": jac["jac_std"], "seconds": res["seconds"], "model_seconds": res["model_seconds"]}

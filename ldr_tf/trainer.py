@@ -18,7 +18,6 @@ resumed run continues exactly where the checkpoint left it.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ldr_tf import compare, dataset
-from ldr_tf.predict import label_overlap
+from ldr_tf.metrics import label_overlap
 from tests.test_export import shared_student
 from tests.test_predict import _fixed_affine, _phantom, _world
 from tools import import_nifti

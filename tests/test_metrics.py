@@ -58,3 +58,16 @@ def test_jacobian_of_known_fields():
     assert 0 < s["folding_pct"] < 100 and s["jac_min"] <= 0
     with pytest.raises(ValueError, match="flow: expected shape"):
         M.jacobian_determinant(np.zeros((8, 8, 8, 2)))
+
+
+def test_one_pass_counts_equal_the_label_by_label_loop(rng):
+    a = rng.integers(0, 6, (20, 18, 16))
+    b = np.where(rng.random(a.shape) < 0.8, a, rng.integers(0, 7, a.shape))
+    fast = M.label_overlap(a, b)
+    slow = M.label_overlap(a.astype(float), b.astype(float))  # float maps take the per-label loop
+    assert fast["labels"] == slow["labels"] == 5
+    assert fast["dice"] == pytest.approx(slow["dice"]) and fast["jaccard"] == pytest.approx(slow["jaccard"])
+    for k, v in slow["per_label"].items():
+        assert fast["per_label"][k] == pytest.approx(v)
+    big = a.astype(np.int64) * 10_000_000  # out of the histogram's range: the loop again
+    assert M.label_overlap(big, b * 10_000_000)["dice"] == pytest.approx(slow["dice"])

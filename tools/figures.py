@@ -24,14 +24,14 @@ def _plt():
     return plt
 
 
-def save_figure(fig, path) -> Path:
+def save_figure(fig, path, dpi: int = 110) -> Path:
     """Saves a matplotlib figure as PNG through a temporary file, then closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:

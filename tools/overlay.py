@@ -18,7 +18,6 @@ box (or of the volume). Intensities of each panel are scaled to its 1st..99th pe
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -147,16 +146,9 @@ def render(fixed, moving, warped, out, fixed_seg=None, moving_seg=None, warped_s
     fig.suptitle(f"slice {index} across axis {axis} of the fixed grid {tuple(shape)}; solid = fixed labels, "
                  f"dashed = the panel's own labels", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    from tools.figures import save_figure
+
+    save_figure(fig, out, dpi=dpi)
     return {"axis": axis, "slice": index, "labels": labels}
 
 

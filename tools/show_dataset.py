@@ -11,7 +11,6 @@ RAS grid the columns are sagittal (axis D fixed), coronal (H fixed) and axial (W
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -87,16 +86,9 @@ def render(desc: dataset.Descriptor, keys: list, out, physical_aspect: bool = Tr
             ax.tick_params(labelsize=6)
     fig.suptitle(f"{desc.path.name}: grid {tuple(desc.image_size)}, image_type {desc.image_type}", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    from tools.figures import save_figure
+
+    return save_figure(fig, out, dpi=dpi)
 
 
 def _opposite(c: str) -> str:
