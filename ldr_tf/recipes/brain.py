@@ -47,6 +47,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("teacher_steps", 6000, "Teacher training steps.")
     flags.DEFINE_integer("student_steps", 4000, "Student training steps (with and without ALDK alike).")
     flags.DEFINE_float("lr", 1e-4, "Adam learning rate (RCN's step schedule).")
+    flags.DEFINE_float("gamma", 0.9, "ALDK's L_adv = gamma * l_rec + (1 - gamma) * l_dis (README, ALDK: the paper's "
+                                     "0.3 lets the adversarial term dominate).")
     flags.DEFINE_bool("ants", True, "Include ANTs SyN in the comparison when antspyx is installed.")
     flags.DEFINE_integer("max_pairs", 0, "Compare only the first N test pairs (0 = all 30).")
 
@@ -98,7 +100,8 @@ def main(argv):
                    **common)
     configs = {
         "teacher": teacher,
-        "student": TrainConfig(aldk=True, teacher=str(runs / "teacher"), out_dir=str(runs / "student"), **student),
+        "student": TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=FLAGS.gamma,
+                               out_dir=str(runs / "student"), **student),
         "student_noaldk": TrainConfig(aldk=False, out_dir=str(runs / "student_noaldk"), **student),
     }
     for stage in ("teacher", "student", "student_noaldk"):
