@@ -56,7 +56,7 @@ __all__ = [
     "label_names",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: affine with the anatomical axis directions (was RAS-diagonal)
 
 
 @dataclass(frozen=True)
@@ -577,9 +577,11 @@ def render_subject(name: str, index: int, size=64, seed: int = 0, slab: int = 16
     outside = np.any((points < 0) | (points > n - 1), axis=1)
     points[outside] = -1.0
     spacing = np.array([spec.fov_mm / s for s in shape])
+    # Voxel axes run superior->inferior (D), anterior->posterior (H), right->left (W): in RAS+ world coordinates
+    # that is -z, -y and -x; the centre of the grid sits at the world origin.
     affine = np.eye(4)
-    affine[:3, :3] = np.diag(spacing)
-    affine[:3, 3] = -spacing * (n - 1) / 2
+    affine[:3, :3] = [[0.0, 0.0, -spacing[2]], [0.0, -spacing[1], 0.0], [-spacing[0], 0.0, 0.0]]
+    affine[:3, 3] = -affine[:3, :3] @ ((n - 1) / 2)
     return {"volume": volume, "segmentation": labels, "points": points.astype(np.float32),
             "attrs": {"spacing": spacing, "affine": affine}}
 

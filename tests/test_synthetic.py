@@ -57,6 +57,10 @@ def test_descriptor_and_subject_layout(demo, brain):
     assert s["attrs"]["affine"].shape == (4, 4)
     # the world position of the grid centre is 0
     np.testing.assert_allclose(s["attrs"]["affine"] @ np.r_[(SIZE - 1) / 2 * np.ones(3), 1], [0, 0, 0, 1])
+    import nibabel as nib
+
+    # voxel axes: superior->inferior, anterior->posterior, right->left
+    assert nib.aff2axcodes(s["attrs"]["affine"]) == ("I", "P", "L")
 
     bdesc, bsubj = _read(brain)
     assert bdesc.image_type == "brain" and bdesc.atlas == "atlas" and "atlas" in bsubj
