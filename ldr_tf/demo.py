@@ -40,8 +40,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("cascades", 1, "Cascades of the teacher and of the student.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 is the reference network.")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")
-    flags.DEFINE_integer("teacher_steps", 800, "Teacher training steps.")
-    flags.DEFINE_integer("student_steps", 500, "Student training steps (with and without ALDK alike).")
+    flags.DEFINE_integer("teacher_steps", 600, "Teacher training steps.")
+    flags.DEFINE_integer("student_steps", 450, "Student training steps (with and without ALDK alike).")
     flags.DEFINE_float("gamma", 0.9, "ALDK's L_adv = gamma * l_rec + (1 - gamma) * l_dis. The paper's 0.3 lets the "
                                      "adversarial term dominate a short run (README, ALDK).")
     flags.DEFINE_float("lr", 1e-4, "Adam learning rate of every run (constant schedule).")

@@ -111,4 +111,5 @@ def dice_vs_speed(rows, out, title: str = "Dice vs CPU time per pair"):
     ax[1].set_ylabel("Dice")
     ax[1].grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(wspace=0.42)  # room for the twin axis' label between the panels
     return save_figure(fig, out)
