@@ -211,3 +211,54 @@ def test_two_workers_on_localhost(tmp_path, data_dir):
     assert summary["steps"] == 3
     assert (out / "checkpoints" / "checkpoint").exists()
     assert not list(out.glob(".worker-*")), "the non-chief worker's scratch checkpoints are removed"
+
+
+def test_teacher_cache_holds_the_teachers_flows_and_trains_a_student(tmp_path, data_dir, teacher_run):
+    from ldr_tf import distill
+    from ldr_tf import teacher as teacher_lib
+    from ldr_tf.pairs import make_pair_dataset, pairs_for
+
+    desc = load_descriptor(Path(data_dir) / "demo.json")
+    out = tmp_path / "flows.h5"
+    rep = distill.build_cache(str(teacher_run), desc, out, progress=False)
+    assert rep["pairs"] == len(pairs_for(desc, "1")) > 0
+    assert not [p for p in tmp_path.iterdir() if p.name != "flows.h5"], "no temporary file left behind"
+    cache = teacher_lib.TeacherCache(out)
+    assert len(cache) == rep["pairs"] and cache.attrs["dtype"] == "float16"
+    fn, _ = teacher_lib.load_registration_fn(teacher_run)
+    b = next(iter(make_pair_dataset(desc, "1", batch_size=1, augment=False, shuffle=False, repeat=False)))
+    want = fn(tf.concat([b["fixed"], b["moving"]], -1)).numpy()[0]
+    got = cache.get(b["id1"][0].numpy().decode(), b["id2"][0].numpy().decode())
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4)  # float16 storage
+    with pytest.raises(ValueError, match="no teacher flow for pair nope -> s000"):
+        cache.get("nope", "s000")
+    cache.close()
+    # a student trains from the cache (augmented pairs: cached flows are mapped onto them) with ALDK
+    cfg = _cfg(tmp_path / "s", data_dir, aldk=True, teacher_cache=str(out), steps=1, augment=True)
+    t = _trainer(cfg, data_dir)
+    assert not hasattr(t, "teacher_fn") or t.teacher_fn is None
+    critic0 = _weights(t.critic)
+    t.fit(progress=False)
+    assert int(t.step.numpy()) == 1
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(critic0, t.critic.trainable_variables))
+
+
+def test_map_to_augmented_registers_the_augmented_pair():
+    from ldr_tf import warp
+    from ldr_tf.teacher import map_to_augmented
+
+    n = 24
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32),) * 3, indexing="ij")
+    moving = 0.5 + 0.25 * np.sin(2 * np.pi * z / n) * np.cos(2 * np.pi * y / n) + 0.2 * np.sin(2 * np.pi * x / n)
+    field = lambda s, p: np.stack([s * np.sin(2 * np.pi * (y + p) / n), s * np.cos(2 * np.pi * (x + p) / n),  # noqa
+                                   s * np.sin(2 * np.pi * (z + p) / n)], -1)[None].astype(np.float32)
+    a, phi = field(1.5, 3.0), field(2.0, 7.0)  # augmentation of the moving image, teacher flow of the original pair
+    moving = tf.constant(moving[None, ..., None].astype(np.float32))
+    moving_aug = warp.warp(moving, a)  # moving'(x) = moving(x + a(x))
+    target = warp.warp(moving, phi)  # what the teacher's flow makes of the original moving image
+    psi = map_to_augmented(tf.constant(phi), tf.constant(a))
+    inner = (slice(None),) + (slice(4, n - 4),) * 3
+    err_mapped = np.abs(warp.warp(moving_aug, psi).numpy() - target.numpy())[inner].max()
+    err_unmapped = np.abs(warp.warp(moving_aug, tf.constant(phi)).numpy() - target.numpy())[inner].max()
+    assert err_mapped < 0.02 and err_mapped < 0.2 * err_unmapped, (err_mapped, err_unmapped)
