@@ -13,7 +13,9 @@ Methods (``--method=name=spec``, repeatable, in order):
   dataset was (its ``preprocessing`` spec), registered on the grid, and the flow is mapped back
   (`ldr_tf.preprocess.Geometry.flow_to_original`);
 * ``ants:SyN`` (or any ANTsPy ``type_of_transform``, e.g. ``ants:Affine``): ANTs through ``antspyx``
-  (``pip install .[peers]``), on the full native scans, labels resampled with ``genericLabel``.
+  (``pip install .[peers]``), on the full native scans, labels resampled with ``genericLabel``; an optional third
+  field sets the fraction of voxels the affine metric samples (``ants:Affine:1.0``; default 0.2, antspyx's): random
+  sampling makes runs differ, and on tiny volumes a sparse draw can diverge.
 
 Per method: mean and median (over pairs) of each pair's Dice and Jaccard (a pair's score = mean over the labels
 present in the fixed map, background excluded), % of fixed-grid voxels where the mapping folds (det J <= 0), and
@@ -154,7 +156,10 @@ class Learned(Method):
 class Ants(Method):
     """ANTs registration through antspyx; the moving labels are resampled with ``genericLabel``."""
 
-    def __init__(self, name: str, transform: str = "SyN", threads: int = 2):
+    def __init__(self, name: str, transform: str = "SyN", threads: int = 2, seed: int = 0,
+                 sampling_rate: float = 0.2):
+        if not 0.0 < sampling_rate <= 1.0:
+            raise ValueError(f"method {name}: the affine metric's sampling rate must be in (0, 1], got {sampling_rate}")
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
         try:
             import ants  # noqa: F401
@@ -162,6 +167,8 @@ class Ants(Method):
             raise ValueError(f"method {name}: antspyx is not installed (pip install '.[peers]')") from None
         self.name = name
         self.transform = transform
+        self.seed = seed
+        self.sampling_rate = sampling_rate
         self.parameters = None
 
     @staticmethod
@@ -177,8 +184,14 @@ class Ants(Method):
 
         f = self._to_ants(fixed.image)
         m = self._to_ants(moving.image)
+        # ANTs samples the affine metric at random points. Fix its seed (antspyx passes config._random_seed as
+        # --random-seed; its public set_ants_deterministic() would also force one thread and distort the timing);
+        # with several threads runs can still differ, and sparse sampling of a tiny volume can diverge
+        # (``ants:<transform>:1.0`` samples every voxel).
+        ants.config._random_seed = self.seed
         t = time.perf_counter()
-        reg = ants.registration(fixed=f, moving=m, type_of_transform=self.transform)
+        reg = ants.registration(fixed=f, moving=m, type_of_transform=self.transform,
+                                aff_random_sampling_rate=self.sampling_rate)
         seconds = time.perf_counter() - t
         lab = self._to_ants(moving.labels)
         warped = ants.apply_transforms(fixed=f, moving=lab, transformlist=reg["fwdtransforms"],
@@ -206,7 +219,12 @@ def parse_method(item: str, preprocessing, threads: int) -> Method:
     if spec == "identity":
         return Identity(name)
     if spec.startswith("ants:"):
-        return Ants(name, spec.split(":", 1)[1] or "SyN", threads)
+        transform, _, rate = spec.split(":", 1)[1].partition(":")
+        try:
+            rate = float(rate) if rate else 0.2
+        except ValueError:
+            raise ValueError(f"method {name}: expected ants:<transform>[:<sampling rate>], got {spec}") from None
+        return Ants(name, transform or "SyN", threads, sampling_rate=rate)
     if preprocessing is None:
         raise ValueError(f"method {name}: the dataset has no NIfTI preprocessing spec to repeat (was it made by the "
                          "import tools?)")
