@@ -221,10 +221,10 @@ def parse_method(item: str, preprocessing, threads: int) -> Method:
     if spec.startswith("ants:"):
         transform, _, rate = spec.split(":", 1)[1].partition(":")
         try:
-            rate = float(rate) if rate else 0.2
+            kw = {"sampling_rate": float(rate)} if rate else {}
         except ValueError:
             raise ValueError(f"method {name}: expected ants:<transform>[:<sampling rate>], got {spec}") from None
-        return Ants(name, transform or "SyN", threads, sampling_rate=rate)
+        return Ants(name, transform or "SyN", threads, **kw)
     if preprocessing is None:
         raise ValueError(f"method {name}: the dataset has no NIfTI preprocessing spec to repeat (was it made by the "
                          "import tools?)")

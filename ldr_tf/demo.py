@@ -263,8 +263,8 @@ def main(argv):
     figs = stages.run("7. figures", _figures, methods, desc, figs_dir, rows)
     settings = {"size": FLAGS.size, "subjects": FLAGS.subjects, "cascades": FLAGS.cascades,
                 "channels": FLAGS.channels, "batch": FLAGS.batch, "teacher_steps": FLAGS.teacher_steps,
-                "student_steps": FLAGS.student_steps, "gamma": FLAGS.gamma, "lr": FLAGS.lr, "seed": FLAGS.seed, "dataset": str(path),
-                "runs": str(runs), "models": str(models)}
+                "student_steps": FLAGS.student_steps, "gamma": FLAGS.gamma, "lr": FLAGS.lr, "seed": FLAGS.seed,
+                "dataset": str(path), "runs": str(runs), "models": str(models)}
     report = write_report(out, rows, figs, stages, settings, summaries)
     print("\n" + report.read_text().split("## Figures")[0])
     print(f"report: {report} (figures in {figs_dir}); total {stages.total / 60:.1f} min")

@@ -174,15 +174,15 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
     out = Path(out)
     if out.exists() and not overwrite:  # fail before the (slow) restore
         raise ValueError(f"{out} already exists (add --overwrite to replace it)")
-    model, run_cfg = runs.restore_model(run_dir, step,
-                                        overrides={"compute_dtype": "bfloat16"} if bfloat16 else None)
+    overrides = {"compute_dtype": "bfloat16"} if bfloat16 else {}
+    model, run_cfg = runs.restore_model(run_dir, step, overrides=overrides)
     prefix = runs.latest_checkpoint(run_dir, step)
     train = run_cfg.get("train", {})
     metadata = {
         "model": train.get("model"),
         "aldk": train.get("aldk") if train.get("model") == "student" else None,
         "cascades": run_cfg["network"].get("cascades"),
-        "network": {**run_cfg["network"], **({"compute_dtype": "bfloat16"} if bfloat16 else {})},
+        "network": {**run_cfg["network"], **overrides},
         "parameters": int(sum(int(v.numpy().size) for v in model.weights)),
         "checkpoint": str(prefix),
         "trained_steps": int(prefix.rsplit("-", 1)[-1]),
