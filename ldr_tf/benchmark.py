@@ -48,6 +48,8 @@ from pathlib import Path
 
 from absl import flags
 
+from ldr_tf import cpu
+
 FLAGS = flags.FLAGS
 PROG = "ldr_tf.benchmark"
 KINDS = ("teacher", "student")
@@ -71,49 +73,15 @@ def _read(path: str) -> str:
         return ""
 
 
-def machine_info() -> dict:
-    """CPU model, core counts, SIMD flags relevant to the convolutions, memory and the load average."""
-    cpuinfo = _read("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 "unknown")
-    cpu_flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            cpu_flags = set(line.split(":", 1)[1].split())
-            break
-    mem = next((int(line.split()[1]) * 1024 for line in _read("/proc/meminfo").splitlines()
-                if line.startswith("MemTotal")), None)
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        affinity = os.cpu_count()
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "avx512f": "avx512f" in cpu_flags,
-        "avx512_bf16": "avx512_bf16" in cpu_flags,
-        "amx_bf16": "amx_bf16" in cpu_flags,
-        "memory_mb": round(mem / MB) if mem else None,
-        "loadavg": _loadavg(),
-    }
-
-
-def _loadavg() -> list | None:
-    parts = _read("/proc/loadavg").split()
-    return [float(p) for p in parts[:3]] if len(parts) >= 3 else None
+machine_info = cpu.machine_info
+_loadavg = cpu.loadavg
 
 
 def tf_runtime_info() -> dict:
     """TensorFlow version, thread settings and oneDNN state of this process (imports TensorFlow)."""
     import tensorflow as tf
 
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-
-        onednn = bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        onednn = None
+    onednn = cpu.onednn_enabled()
     return {
         "tensorflow": tf.__version__,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
@@ -563,6 +531,17 @@ TARGET_MEDIAN_S = 0.5
 TARGET_PEAK_MB = 1500.0
 
 
+NOT_JUDGED = ("oneDNN was off in the measuring process; run without TF_ENABLE_ONEDNN_OPTS=0, which "
+              "import ldr_tf turns on")
+
+
+def targets_judged(runtime: dict, rows: list) -> bool:
+    """PASS/MISS against the targets only when oneDNN was on here and in every worker that measured a row."""
+    states = [runtime.get("onednn_enabled")] + [(r.get("runtime") or {}).get("onednn_enabled") for r in rows
+                                                if r.get("runtime")]
+    return all(s is True for s in states)
+
+
 def target_report(rows: list) -> list:
     """The issue's targets for every measured 3-cascade student at 128^3 (one entry per variant).
 
@@ -648,16 +627,19 @@ def run() -> dict:
     runtime = tf_runtime_info()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"{PROG}: {machine['cpu_model']}, {machine['cpu_count']} CPUs ({machine['cpus_usable']} usable), "
-          f"AVX-512 {'yes' if machine['avx512f'] else 'no'}, AVX-512 BF16 {'yes' if machine['avx512_bf16'] else 'no'}"
-          f", AMX-BF16 {'yes' if machine['amx_bf16'] else 'no'}, {machine['memory_mb']} MB RAM, load average "
+          f"ISA {machine['isa']}, AVX-512 BF16 {'yes' if machine['avx512_bf16'] else 'no'}, AMX-BF16 "
+          f"{'yes' if machine['amx_bf16'] else 'no'}, {machine['memory_mb']} MB RAM, load average "
           f"{machine['loadavg']}", flush=True)  # fmt: skip
-    print(f"TensorFlow {runtime['tensorflow']}: oneDNN {'on' if runtime['onednn_enabled'] else 'off'} "
+    print(f"TensorFlow {runtime['tensorflow']}: oneDNN {'on' if runtime['onednn_enabled'] else 'OFF'} "
           f"(TF_ENABLE_ONEDNN_OPTS={runtime['TF_ENABLE_ONEDNN_OPTS'] or 'unset'}); --threads={FLAGS.threads} "
           f"(intra-op {runtime['intra_op_threads']}, 0 = all {machine['cpus_usable']} cores), inter-op "
           f"{runtime['inter_op_threads']}; batch 1, {FLAGS.runs} timed calls after {1 + FLAGS.warmup} untimed",
           flush=True)  # fmt: skip
-    if "on" in FLAGS.bfloat16 and not (machine["avx512_bf16"] or machine["amx_bf16"]):
-        print("warning: this CPU has no AVX-512 BF16 / AMX: bfloat16 convolutions will be emulated (slow)", flush=True)
+    if not runtime["onednn_enabled"]:
+        print(f"warning: oneDNN is off: timings are not representative and no target is judged "
+              f"({NOT_JUDGED})", flush=True)
+    if "on" in FLAGS.bfloat16 and cpu.bfloat16_advice():
+        print(f"warning: {cpu.bfloat16_advice()}", flush=True)
 
     dtypes = sorted({c.compute_dtype for c in cases} | {"float32"})
     peak = measure_conv_peak(dtypes, FLAGS.conv_peak_runs)
@@ -718,6 +700,7 @@ def run() -> dict:
         payload["machine"]["loadavg_end"] = _loadavg()
         payload["wall_s"] = time.perf_counter() - t_start
         payload["targets"] = target_report(rows)
+        payload["targets_judged"] = targets_judged(runtime, rows)
         if own_tmp:
             shutil.rmtree(work_dir, ignore_errors=True)
         if FLAGS.out:
@@ -786,7 +769,9 @@ def main(argv) -> int:
           "teacher median (< 1: student faster). load: 1-min load average after the row (2 cores).")  # fmt: skip
     print(format_table(payload["rows"]))
     lines = _target_lines(payload["targets"])
-    if lines:
+    if lines and not payload["targets_judged"]:
+        print(f"Targets: not judged ({NOT_JUDGED})")
+    elif lines:
         print("Targets:")
         print("\n".join(lines))
     print(f"load average at the end: {payload['machine']['loadavg_end']} ({payload['wall_s']:.0f} s)")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -215,6 +216,13 @@ def main(argv):
     if not FLAGS.checkpoint or not FLAGS.out:
         raise cli.UsageError("--checkpoint (a training run directory) and --out are required")
     common_flags.apply_runtime_flags(FLAGS)
+    if FLAGS.bfloat16:
+        from ldr_tf import cpu
+
+        if cpu.bfloat16_advice():
+            print(f"ldr_tf.export: warning: {cpu.bfloat16_advice()}. The export is written as asked (it may run on "
+                  "another machine); predict warns when it loads it on a CPU like this one.", file=sys.stderr,
+                  flush=True)
     out = export_run(FLAGS.checkpoint, FLAGS.out, FLAGS.step, FLAGS.overwrite, xla_warp=FLAGS.xla_warp,
                      bfloat16=FLAGS.bfloat16)
     meta = load_metadata(out)

@@ -40,21 +40,21 @@ def jaccard(a, b) -> float:
     return float(np.logical_and(a, b).sum(dtype=np.int64) / union) if union else float("nan")
 
 
-def _overlap_counts(fixed_seg, warped_seg, labels):
-    """Per-label (intersection, |fixed|, |warped|) in one pass (a joint histogram), or None when the label values
-    are negative or too large for a histogram."""
+def _overlap_counts(fixed_seg, warped_seg):
+    """``(inter, fixed, warped)`` voxel counts per label value (arrays indexed by label), from one joint histogram
+    over the values both maps use; None when the label values are negative or too large for a histogram."""
     f = fixed_seg.reshape(-1)
     w = warped_seg.reshape(-1)
     if f.size == 0 or f.dtype.kind not in "iub" or w.dtype.kind not in "iub":
         return None
-    lo, hi = min(f.min(), w.min()), max(f.max(), w.max())
+    lo, hi = min(int(f.min()), int(w.min())), max(int(f.max()), int(w.max()))
     if lo < 0 or hi >= 1 << 20:
         return None
-    n = int(hi) + 1
-    f_count = np.bincount(f, minlength=n)
-    w_count = np.bincount(w, minlength=n)
-    inter = np.bincount(f[f == w], minlength=n)
-    return {int(v): (inter[v], f_count[v], w_count[v]) for v in labels if 0 <= v < n}
+    n = hi + 1
+    if n * n <= 1 << 24:  # one pass: a joint histogram of (fixed, warped) pairs
+        joint = np.bincount(f.astype(np.int64) * n + w, minlength=n * n).reshape(n, n)
+        return np.diagonal(joint).copy(), joint.sum(1), joint.sum(0)
+    return (np.bincount(f[f == w], minlength=n), np.bincount(f, minlength=n), np.bincount(w, minlength=n))
 
 
 def label_overlap(fixed_seg, warped_seg, labels=None, include_background: bool = False) -> dict:
@@ -74,15 +74,16 @@ def label_overlap(fixed_seg, warped_seg, labels=None, include_background: bool =
     fixed_seg = np.asarray(fixed_seg)
     warped_seg = np.asarray(warped_seg)
     _check_same_shape("fixed_seg", fixed_seg, "warped_seg", warped_seg)
+    counts = _overlap_counts(fixed_seg, warped_seg)
     if labels is None:
-        labels = np.unique(fixed_seg)
+        labels = np.nonzero(counts[1])[0] if counts is not None else np.unique(fixed_seg)
         if not include_background:
             labels = labels[labels != 0]
-    counts = _overlap_counts(fixed_seg, warped_seg, labels)
     per_label = {}
     for v in labels:
         if counts is not None:
-            inter, a, b = (float(x) for x in counts.get(int(v), (0, 0, 0)))
+            inside = 0 <= int(v) < counts[0].size
+            inter, a, b = (float(c[int(v)]) if inside else 0.0 for c in counts)
         else:
             f, w = fixed_seg == v, warped_seg == v
             inter, a, b = float(np.logical_and(f, w).sum()), float(f.sum()), float(w.sum())
@@ -146,13 +147,13 @@ def jacobian_determinant(flow) -> np.ndarray:
         raise ValueError(f"flow: expected shape [D, H, W, 3], got {u.shape}")
     if min(u.shape[:3]) < 2:
         raise ValueError(f"flow: every spatial size must be at least 2, got {u.shape}")
-    # J[..., c, a] = d(x_c + u_c) / d x_a
-    J = np.empty(u.shape[:3] + (3, 3))
+    # J[c][a] = d(x_c + u_c) / d x_a; the 3x3 determinant written out (no [..., 3, 3] array, no LAPACK per voxel)
+    J = [list(np.gradient(u[..., c], axis=(0, 1, 2))) for c in range(3)]
     for c in range(3):
-        grads = np.gradient(u[..., c], axis=(0, 1, 2))
-        for a in range(3):
-            J[..., c, a] = grads[a] + (1.0 if a == c else 0.0)
-    return np.linalg.det(J)
+        J[c][c] += 1.0
+    return (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
+            - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
+            + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
 
 
 def jacobian_stats(flow) -> dict:

@@ -71,24 +71,33 @@ def _check_affine(affine, path) -> np.ndarray:
     return affine
 
 
-def check_same_grid(image, labels, image_name="image", label_name="labels", atol: float = 1e-3) -> None:
+def source_name(img, default: str) -> str:
+    """The file an image was loaded from (`load` records it), else `default`."""
+    get = getattr(img, "get_filename", None)
+    name = get() if callable(get) else None
+    return str(name) if name else default
+
+
+def check_same_grid(image, labels, image_name=None, label_name=None, atol: float = 1e-3) -> None:
     """Raises `NiftiError` naming `label_name` unless `labels` lies on the same voxel grid as `image`.
 
     Args:
       image, labels: nibabel images (only ``shape`` and ``affine`` are used; trailing size-1 dims are ignored).
       atol: largest allowed absolute difference between the two affines, in mm (and mm per voxel).
     """
+    image_name = image_name or source_name(image, "the image")
+    label_name = label_name or source_name(labels, "labels")
     shape_i = tuple(image.shape[:3])
     shape_l = tuple(labels.shape[:3])
     if shape_i != shape_l:
         raise NiftiError(
-            f"{label_name}: label map is on a different grid than its image {image_name}: "
+            f"{label_name}: label map is on a different grid than its image ({image_name}): "
             f"shape {shape_l} vs image shape {shape_i}"
         )
     diff = float(np.max(np.abs(np.asarray(image.affine, np.float64) - np.asarray(labels.affine, np.float64))))
     if diff > atol:
         raise NiftiError(
-            f"{label_name}: label map is on a different grid than its image {image_name}: "
+            f"{label_name}: label map is on a different grid than its image ({image_name}): "
             f"affines differ by up to {diff:.4g} mm (tolerance {atol:g})"
         )
 
@@ -117,7 +126,9 @@ def load(path, what: str = "image", like=None, atol: float = 1e-3):
     if path.is_dir():
         raise NiftiError(f"{path}: is a directory, expected a .nii or .nii.gz file")
     try:
-        img = nib.load(str(path))
+        img = _read_gz(path) if path.name.endswith(".gz") else nib.load(str(path))
+    except NiftiError:
+        raise
     except FileNotFoundError:
         raise NiftiError(f"{path}: file not found") from None
     except Exception as e:  # nibabel raises many types (ImageFileError, HeaderDataError, OSError, ...)
@@ -132,8 +143,6 @@ def load(path, what: str = "image", like=None, atol: float = 1e-3):
             data = np.asarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError, MemoryError) as e:
         raise NiftiError(f"{path}: corrupt or truncated data ({_one_line(e)})") from None
-    if path.name.endswith(".gz"):
-        _check_gzip(path)
     data = _squeeze_to_3d(data, path)
     if what == "image":
         bad = ~np.isfinite(data)
@@ -159,21 +168,26 @@ def load(path, what: str = "image", like=None, atol: float = 1e-3):
     header.set_data_dtype(data.dtype)
     out = type(img)(data, affine, header) if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) \
         else nib.Nifti1Image(data, affine, None)
+    out.set_filename(str(path))  # error messages downstream name the file (source_name)
     if like is not None:
-        check_same_grid(like, out, image_name=str(getattr(like, "get_filename", lambda: "")() or "image"),
-                        label_name=str(path), atol=atol)
+        check_same_grid(like, out, label_name=str(path), atol=atol)
     return out
 
 
-def _check_gzip(path: Path) -> None:
-    """Reads a gzip file to its end so that its CRC and length are checked (nibabel stops reading after the
-    voxel data, so a corrupted block that still inflates would otherwise go unnoticed)."""
+def _read_gz(path: Path):
+    """A ``.nii.gz`` inflated once, in memory (gzip checks its CRC and length at the end of the stream: nibabel alone
+    stops reading after the voxel data, so a corrupted block that still inflates would go unnoticed)."""
+    raw = path.read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        raise NiftiError(f"{path}: not a readable NIfTI file (not gzip-compressed data)")
     try:
-        with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 24):
-                pass
+        data = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
         raise NiftiError(f"{path}: corrupt or truncated gzip data ({_one_line(e)})") from None
+    del raw
+    size = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+    nifti2 = size == 540 or int.from_bytes(data[:4], "big") == 540
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(data)
 
 
 def _first_fraction(data: np.ndarray) -> str:

@@ -45,6 +45,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,8 @@ def define_pair_flags(fv=FLAGS) -> None:
                       flag_values=fv)
     flags.DEFINE_bool("mm", False, "Also write flow_mm_lps.nii.gz (ITK/ANTs displacement field in mm).",
                       flag_values=fv)
-    flags.DEFINE_bool("warmup", True, "Run the model once on zeros first, so 'model' times a warm call.",
+    flags.DEFINE_bool("warmup", None, "Run the model once on zeros first, so 'model' times a warm call (default: "
+                      "with --pairs only; a single pair's 'model' then includes the first call's graph set-up).",
                       flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=fv)
 
@@ -153,54 +155,41 @@ def _uncropped(spec):
 # ------------------------------------------------------------------------------------------- sampling
 
 
-def sample_native(data, coords, labels: bool = False, chunk: int = 1 << 20):
-    """Samples a native volume at voxel positions `coords` ``[..., 3]``, chunk by chunk (bounded memory).
+def sample_native(data, coords, labels: bool = False):
+    """Samples a native volume at voxel positions `coords` ``[..., 3]`` (`ldr_tf.sampling.sample_points`).
 
     Args:
       data: ``[X, Y, Z]`` array (an image, or integer labels).
       coords: ``[..., 3]`` float positions in voxels of `data`.
-      labels: sample integer labels without mixing (label-aware trilinear, `ldr_tf.warp.warp_labels`) instead of
-        trilinear intensities.
+      labels: sample integer labels without mixing (label vote, `ldr_tf.warp.warp_labels`) instead of trilinear
+        intensities.
 
     Returns:
       ``coords.shape[:-1]`` float32 (int32 for labels). Positions more than half a voxel outside the volume get 0
       (background) instead of the clamped border value.
     """
-    import tensorflow as tf
+    from ldr_tf.sampling import sample_points
 
-    from ldr_tf import warp
-
-    shape = coords.shape[:-1]
-    flat = coords.reshape(-1, 3)
-    out = np.empty(flat.shape[0], np.int32 if labels else np.float32)
-    vol = tf.constant(np.asarray(data, np.int32 if labels else np.float32)[None])
-    if not labels:
-        vol = vol[..., None]
-    hi = np.asarray(data.shape, np.float32) - 0.5
-    chunk = min(chunk, flat.shape[0])
-    pad = np.zeros((chunk, 3), np.float32)  # constant chunk shape: one trace (and one XLA compilation)
-    for s in range(0, flat.shape[0], chunk):
-        c = flat[s:s + chunk]
-        n = c.shape[0]
-        pad[:n] = c
-        pad[n:] = 0
-        cc = tf.constant(pad[None, :, None, None, :])
-        if labels:
-            v = warp.warp_labels(vol, None, method="linear", coords=cc).numpy().reshape(-1)[:n]
-        else:
-            v = warp.resample(vol, cc).numpy().reshape(-1)[:n]
-        outside = np.any((c < -0.5) | (c > hi), axis=1)
-        v[outside] = 0
-        out[s:s + n] = v
-    return out.reshape(shape)
-
-
-def _native_grid(shape) -> np.ndarray:
-    """Voxel indices ``[X, Y, Z, 3]`` float32 of a volume of `shape`."""
-    return np.moveaxis(np.indices(shape, dtype=np.float32), 0, -1)
+    return sample_points(data, coords, mode="labels" if labels else "linear")
 
 
 # ------------------------------------------------------------------------------------------- one pair
+
+
+def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg: str | None = None) -> dict:
+    """The pair's scans and label maps, checked (`ldr_tf.nifti.load`), with the seconds it took.
+
+    Returns ``{"fixed", "moving", "moving_seg", "fixed_seg", "seconds"}`` (absent label maps are None).
+    """
+    from ldr_tf import nifti
+
+    t = time.perf_counter()
+    f_img = nifti.load(fixed, "image")
+    m_img = nifti.load(moving, "image")
+    m_lab = nifti.load(moving_seg, "labels", like=m_img) if moving_seg else None
+    f_lab = nifti.load(fixed_seg, "labels", like=f_img) if fixed_seg else None
+    return {"fixed": f_img, "moving": m_img, "moving_seg": m_lab, "fixed_seg": f_lab,
+            "seconds": time.perf_counter() - t}
 
 
 def _remove_if_created(path: Path, existed: bool) -> None:
@@ -247,8 +236,12 @@ class Predictor:
             raise ValueError(f"{out_dir / clash[0]}: already exists (add --overwrite to replace the outputs)")
 
     def run(self, fixed: str, moving: str, out_dir: str | os.PathLike, moving_seg: str | None = None,
-            fixed_seg: str | None = None, write_mm: bool = False, overwrite: bool = False) -> dict:
+            fixed_seg: str | None = None, write_mm: bool = False, overwrite: bool = False,
+            loaded: dict | None = None) -> dict:
         """Registers one pair and writes its outputs into `out_dir` (module docstring); returns ``result.json``.
+
+        `loaded` is the pair as `load_pair` read it (e.g. in a background thread while the previous pair ran);
+        None reads it here.
 
         Raises:
           ValueError: one line naming the file or argument (unreadable/4-D/NaN scans, labels on another grid,
@@ -256,16 +249,14 @@ class Predictor:
         """
         from ldr_tf import metrics, nifti, preprocess
         from ldr_tf.config import save_json_atomic
+        from ldr_tf.sampling import pull_back, sample_affine
 
         out_dir = Path(out_dir)
         self.check_outputs(out_dir, overwrite)
-        times = {}
-        t = time.perf_counter()
-        f_img = nifti.load(fixed, "image")
-        m_img = nifti.load(moving, "image")
-        m_lab = nifti.load(moving_seg, "labels", like=m_img) if moving_seg else None
-        f_lab = nifti.load(fixed_seg, "labels", like=f_img) if fixed_seg else None
-        times["load"] = time.perf_counter() - t
+        if loaded is None:
+            loaded = load_pair(fixed, moving, moving_seg, fixed_seg)
+        f_img, m_img, m_lab, f_lab = (loaded[k] for k in ("fixed", "moving", "moving_seg", "fixed_seg"))
+        times = {"load": loaded["seconds"]}
 
         t = time.perf_counter()
         spec, note = self.spec, None
@@ -276,8 +267,8 @@ class Predictor:
             spec = _uncropped(spec)
         crop_f = f_lab if _needs_labels(spec) else None
         crop_m = m_lab if _needs_labels(spec) else None
-        f_vol, _, _, f_geom = preprocess.apply(spec, f_img, crop_f)
-        m_vol, _, _, m_geom = preprocess.apply(spec, m_img, crop_m)
+        f_vol, _, _, f_geom = preprocess.apply(spec, f_img, crop_f, want_labels=False)
+        m_vol, _, _, m_geom = preprocess.apply(spec, m_img, crop_m, want_labels=False)
         times["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -288,58 +279,56 @@ class Predictor:
         times["model"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        vox, mm = f_geom.flow_to_original(grid_flow, moving=m_geom)
-        if not write_mm:
-            del mm
-        coords = _native_grid(f_geom.source_shape)
-        coords += vox
-        warped = sample_native(np.asarray(m_img.dataobj, np.float32), coords)
-        warped_seg = sample_native(np.asarray(m_lab.dataobj), coords, labels=True) if m_lab is not None else None
-        del coords
+        m_labels = np.asarray(m_lab.dataobj) if m_lab is not None else None
+        native = pull_back(f_geom, m_geom, grid_flow, image=np.asarray(m_img.dataobj, np.float32),
+                           labels=m_labels, mm=write_mm)
+        warped, warped_seg = native["warped"], native.get("warped_labels")
         times["map_back"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        result = {"fixed": str(fixed), "moving": str(moving), "moving_seg": moving_seg, "fixed_seg": fixed_seg,
-                  "model": self.model_info, "grid": list(self.registrar.image_size),
-                  "fixed_shape": list(f_geom.source_shape), "moving_shape": list(m_geom.source_shape),
-                  "preprocessing": spec.to_dict(), "preprocessing_note": note}
-        if f_lab is not None and m_lab is not None:
-            f_native = np.asarray(f_lab.dataobj)
-            # before registration: the moving labels on the fixed grid through the NIfTI affines only
-            to_moving = np.linalg.inv(m_img.affine) @ f_img.affine
-            if m_img.shape[:3] == f_img.shape[:3] and np.allclose(to_moving, np.eye(4), atol=1e-5):
-                before = np.asarray(m_lab.dataobj)  # same grid: nothing to resample
-            else:
-                p = _native_grid(f_geom.source_shape)
-                before = sample_native(np.asarray(m_lab.dataobj), p @ to_moving[:3, :3].T.astype(np.float32)
-                                        + to_moving[:3, 3].astype(np.float32), labels=True)
-                del p
-            b = metrics.label_overlap(f_native, before)
-            a = metrics.label_overlap(f_native, warped_seg)
-            result.update(dice_before=b["dice"], jaccard_before=b["jaccard"], dice=a["dice"], jaccard=a["jaccard"],
-                          labels=a["labels"],
-                          dice_per_label={str(k): {"before": b["per_label"].get(k, (float("nan"),))[0],
-                                                   "after": v[0]} for k, v in a["per_label"].items()})
-        stats = metrics.jacobian_stats(grid_flow)
-        result.update(jac_std_grid=stats["jac_std"], folding_pct_grid=stats["folding_pct"])
-        times["metrics"] = time.perf_counter() - t
-
-        t = time.perf_counter()
+        # The files are compressed in background threads (zlib releases the GIL) while the metrics run.
         existed = out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
+        affine = f_img.affine
+        jobs = [("flow_vox.nii.gz", native["vox"][:, :, :, None, :], np.float32, "vector"),
+                ("warped.nii.gz", warped, np.float32, None)]
+        if warped_seg is not None:
+            jobs.append(("warped_seg.nii.gz", warped_seg, _label_dtype(warped_seg), None))
+        if write_mm:
+            jobs.append(("flow_mm_lps.nii.gz", preprocess.ras_to_lps(native["mm"])[:, :, :, None, :], np.float32,
+                         "vector"))
+        pool = ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1))
+        futures = [pool.submit(nifti.save, arr, affine, stage / name, dtype=dt, intent=intent)
+                   for name, arr, dt, intent in jobs]
         try:
-            affine = f_img.affine
-            nifti.save(warped, affine, stage / "warped.nii.gz", dtype=np.float32)
-            if warped_seg is not None:
-                nifti.save(warped_seg, affine, stage / "warped_seg.nii.gz", dtype=np.int32)
-            nifti.save(vox[:, :, :, None, :], affine, stage / "flow_vox.nii.gz", dtype=np.float32, intent="vector")
-            if write_mm:
-                lps = preprocess.ras_to_lps(mm)
-                nifti.save(lps[:, :, :, None, :], affine, stage / "flow_mm_lps.nii.gz", dtype=np.float32,
-                           intent="vector")
+            t = time.perf_counter()
+            result = {"fixed": str(fixed), "moving": str(moving), "moving_seg": moving_seg, "fixed_seg": fixed_seg,
+                      "model": self.model_info, "grid": list(self.registrar.image_size),
+                      "fixed_shape": list(f_geom.source_shape), "moving_shape": list(m_geom.source_shape),
+                      "preprocessing": spec.to_dict(), "preprocessing_note": note}
+            if f_lab is not None and m_lab is not None:
+                f_native = np.asarray(f_lab.dataobj)
+                # before registration: the moving labels on the fixed grid through the NIfTI affines only
+                to_moving = np.linalg.inv(m_img.affine) @ f_img.affine
+                if m_img.shape[:3] == f_img.shape[:3] and np.allclose(to_moving, np.eye(4), atol=1e-5):
+                    before = m_labels  # same grid: nothing to resample
+                else:
+                    before = sample_affine(m_labels, to_moving, f_geom.source_shape, mode="labels")
+                b = metrics.label_overlap(f_native, before)
+                a = metrics.label_overlap(f_native, warped_seg)
+                result.update(dice_before=b["dice"], jaccard_before=b["jaccard"], dice=a["dice"],
+                              jaccard=a["jaccard"], labels=a["labels"],
+                              dice_per_label={str(k): {"before": b["per_label"].get(k, (float("nan"),))[0],
+                                                       "after": v[0]} for k, v in a["per_label"].items()})
+            stats = metrics.jacobian_stats(grid_flow)
+            result.update(jac_std_grid=stats["jac_std"], folding_pct_grid=stats["folding_pct"])
+            times["metrics"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            for f in futures:
+                f.result()
             written = sorted(f.name for f in stage.iterdir()) + ["result.json"]
-            times["write"] = time.perf_counter() - t
+            times["write"] = time.perf_counter() - t  # what the writes took beyond the metrics they overlapped
             result["seconds"] = {**times, **self.session_seconds}
             result["outputs"] = written
             save_json_atomic(result, stage / "result.json")
@@ -353,11 +342,24 @@ class Predictor:
                 if (out_dir / name).is_file():
                     (out_dir / name).unlink()
         except BaseException:
+            for f in futures:
+                f.cancel()
+            pool.shutdown(wait=True)
             shutil.rmtree(stage, ignore_errors=True)
             _remove_if_created(out_dir, existed)
             raise
+        pool.shutdown(wait=True)
         shutil.rmtree(stage, ignore_errors=True)
         return result
+
+
+def _label_dtype(labels: np.ndarray):
+    """The smallest integer dtype that holds every label (uint8 for most atlases: 4x less to compress)."""
+    lo, hi = int(labels.min()), int(labels.max())
+    for dt in (np.uint8, np.int16, np.int32):
+        if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+            return dt
+    return np.int32
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -430,11 +432,13 @@ def pairs_from_flags(fv) -> list:
 
 
 def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, write_mm: bool = False,
-              overwrite: bool = False, prog: str = PROG) -> list:
+              overwrite: bool = False, prog: str = PROG, first=None) -> list:
     """Runs `predictor` on every pair (outputs in `out_dir`, or ``out_dir/<name>`` for named pairs).
 
-    Every destination is checked for existing outputs before the first pair runs. Prints one line per pair.
-    Returns the result dicts (with ``name``).
+    Every destination is checked for existing outputs before the first pair runs. The next pair's files are read
+    in a background thread while the current one runs (`first`: a future of `load_pair` for the first pair,
+    started earlier by the caller, e.g. while the model loaded). Prints one line per pair. Returns the result
+    dicts (with ``name``).
     """
     from ldr_tf.progress import Progress
 
@@ -444,21 +448,34 @@ def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, wri
         Predictor.check_outputs(d, overwrite)
     bar = Progress(len(pairs), label=prog.split(".")[-1], unit="pair", enabled=len(pairs) > 1)
     results = []
-    for i, (p, dest) in enumerate(zip(pairs, dests)):
-        try:
-            r = predictor.run(p["fixed"], p["moving"], dest, p["moving_seg"], p["fixed_seg"], write_mm, overwrite)
-        except ValueError as e:
-            if p["name"]:
-                raise ValueError(f"pair {p['name']}: {' '.join(str(e).split())}") from None
-            raise
-        results.append({"name": p["name"], **r})
-        bar.update(i + 1)
-        line = f"{p['name'] or 'pair'}: " + ", ".join(f"{k} {r['seconds'][k]:.2f}s" for k in TIMING_KEYS)
-        if "dice" in r:
-            line += f"; Dice {r['dice_before']:.3f} -> {r['dice']:.3f} over {r['labels']} labels"
-        if r["preprocessing_note"]:
-            print(f"{prog}: note: {r['preprocessing_note']}", file=sys.stderr)
-        print(line, flush=True)
+    reader = ThreadPoolExecutor(max_workers=1)
+
+    def read(p):
+        return reader.submit(load_pair, p["fixed"], p["moving"], p["moving_seg"], p["fixed_seg"])
+
+    try:
+        upcoming = first if first is not None else read(pairs[0])
+        for i, (p, dest) in enumerate(zip(pairs, dests)):
+            current = upcoming
+            if i + 1 < len(pairs):
+                upcoming = read(pairs[i + 1])
+            try:
+                r = predictor.run(p["fixed"], p["moving"], dest, p["moving_seg"], p["fixed_seg"], write_mm,
+                                  overwrite, loaded=current.result())
+            except ValueError as e:
+                if p["name"]:
+                    raise ValueError(f"pair {p['name']}: {' '.join(str(e).split())}") from None
+                raise
+            results.append({"name": p["name"], **r})
+            bar.update(i + 1)
+            line = f"{p['name'] or 'pair'}: " + ", ".join(f"{k} {r['seconds'][k]:.2f}s" for k in TIMING_KEYS)
+            if "dice" in r:
+                line += f"; Dice {r['dice_before']:.3f} -> {r['dice']:.3f} over {r['labels']} labels"
+            if r["preprocessing_note"]:
+                print(f"{prog}: note: {r['preprocessing_note']}", file=sys.stderr)
+            print(line, flush=True)
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
     return results
 
 
@@ -483,8 +500,14 @@ def _main(fv) -> int:
     if fv.pairs and (out_dir / "results.json").exists() and not fv.overwrite:
         raise ValueError(f"{out_dir / 'results.json'}: already exists (add --overwrite to replace the outputs)")
     common_flags.apply_runtime_flags(fv)
-    from ldr_tf.registrar import open_registrar
+    from ldr_tf.registrar import inference_only, open_registrar
 
+    inference_only()
+    # The first pair's files are read while the model loads.
+    reader = ThreadPoolExecutor(max_workers=1)
+    p0 = pairs[0]
+    first = reader.submit(load_pair, p0["fixed"], p0["moving"], p0["moving_seg"], p0["fixed_seg"])
+    reader.shutdown(wait=False)
     t = time.perf_counter()
     registrar = open_registrar(model)
     load_s = time.perf_counter() - t
@@ -494,9 +517,9 @@ def _main(fv) -> int:
     info["path"] = str(model)
     predictor = Predictor(registrar, spec, info)
     predictor.session_seconds["model_load"] = load_s
-    if fv.warmup:
+    if fv.warmup if fv.warmup is not None else len(pairs) > 1:
         predictor.warmup()
-    results = run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite)
+    results = run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, first=first)
     if fv.pairs:
         from ldr_tf.config import save_json_atomic
 

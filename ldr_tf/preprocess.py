@@ -314,27 +314,6 @@ class Geometry:
         """Grid voxel coordinates ``[P, 3]`` -> source voxel coordinates; rows of -1 (missing) stay -1."""
         return _map_points(self.grid_to_source, points)
 
-    def _source_chunks(self, max_voxels: int = 1 << 22):
-        """Yields (slice along source axis 0, source voxels ``[n, Y, Z, 3]`` float64, their grid positions float32).
-
-        Every chunk has the same number of rows (the last one runs past the scan; callers cut it), so the sampler
-        is traced once per call.
-        """
-        nx, ny, nz = self.source_shape
-        rows = max(1, min(nx, max_voxels // max(1, ny * nz)))
-        yz = np.stack(np.meshgrid(np.arange(ny), np.arange(nz), indexing="ij"), -1).astype(np.float64)
-        inv = self.source_to_grid
-        for start in range(0, nx, rows):
-            xs = np.arange(start, start + rows, dtype=np.float64)  # the last chunk runs past nx: cut after sampling
-            p = np.concatenate(
-                [np.broadcast_to(xs[:, None, None, None], (rows, ny, nz, 1)),
-                 np.broadcast_to(yz[None], (rows, ny, nz, 2))], -1)
-            yield slice(start, min(start + rows, nx)), p, _apply_h(inv, p).astype(np.float32)
-
-    def _inside(self, g: np.ndarray) -> np.ndarray:
-        hi = np.asarray(self.grid_shape, np.float32) - 0.5
-        return np.all((g >= -0.5 - 1e-4) & (g <= hi + 1e-4), axis=-1)
-
     def to_original(self, volume, order: str = "linear", fill=0):
         """Maps a grid volume back onto the source scan's own voxel grid.
 
@@ -346,8 +325,6 @@ class Geometry:
         Returns:
           ``source_shape`` (+ ``[C]``) array.
         """
-        from ldr_tf import warp  # noqa: PLC0415  (TensorFlow only when needed)
-
         vol = np.asarray(volume)
         if vol.ndim >= 4 and vol.shape[0] == 1 and vol.shape[1:4] == self.grid_shape:
             vol = vol[0]
@@ -357,23 +334,10 @@ class Geometry:
             raise ValueError(f"order: expected 'linear' or 'nearest', got {order!r}")
         if order == "nearest" and vol.dtype.kind not in "iub":
             raise ValueError(f"volume: order='nearest' is for integer label maps, got dtype {vol.dtype}")
-        chan = vol.shape[3:] if vol.ndim == 4 else ()
-        out = np.empty(self.source_shape + chan, np.float32 if order == "linear" else np.int32)
-        if order == "linear":
-            src = vol.astype(np.float32).reshape(self.grid_shape + (-1,))[None]
-        else:
-            src = vol.astype(np.int32)[None]
-        for sl, _, g in self._source_chunks():
-            n = sl.stop - sl.start
-            if order == "linear":
-                val = warp.resample(src, g[None]).numpy()[0][:n]
-                val = val.reshape(val.shape[:3] + chan)
-            else:
-                val = warp.warp_labels(src, None, method="nearest", coords=g[None]).numpy()[0][:n]
-            inside = self._inside(g[:n])
-            val[~inside] = fill
-            out[sl] = val
-        return out
+        from ldr_tf.sampling import sample_affine  # noqa: PLC0415  (TensorFlow only when needed)
+
+        mode = "linear" if order == "linear" else "nearest"
+        return sample_affine(vol, self.source_to_grid, self.source_shape, mode=mode, fill=fill)
 
     def flow_to_original(self, flow, moving: "Geometry | None" = None):
         """Maps a grid displacement field to the source scan: native voxels and world millimetres.
@@ -390,28 +354,10 @@ class Geometry:
           and ``mm = world_moving(g + u(g)) - world_fixed(p)`` in RAS+ mm (`ras_to_lps` for ITK/ANTs). Outside the
           grid's field of view the flow is extended from its border (the sampler clamps).
         """
-        from ldr_tf import warp  # noqa: PLC0415
+        from ldr_tf.sampling import pull_back  # noqa: PLC0415  (TensorFlow only when needed)
 
-        u = np.asarray(flow, np.float32)
-        if u.ndim == 5 and u.shape[0] == 1:
-            u = u[0]
-        if u.shape != self.grid_shape + (3,):
-            raise ValueError(f"flow: expected shape {self.grid_shape + (3,)}, got {u.shape}")
-        mov = moving if moving is not None else self
-        m_to_src = mov.grid_to_source
-        m_to_world = mov.grid_affine
-        vox = np.empty(self.source_shape + (3,), np.float32)
-        mm = np.empty(self.source_shape + (3,), np.float32)
-        src = u[None]
-        inv = self.source_to_grid
-        for sl, p, g in self._source_chunks():
-            n = sl.stop - sl.start
-            p = p[:n]
-            d = warp.resample(src, g[None]).numpy()[0][:n].astype(np.float64)
-            gq = _apply_h(inv, p) + d  # moving grid positions (float64)
-            vox[sl] = _apply_h(m_to_src, gq) - p
-            mm[sl] = _apply_h(m_to_world, gq) - _apply_h(self.source_affine, p)
-        return vox, mm
+        out = pull_back(self, moving, flow, mm=True)
+        return out["vox"], out["mm"]
 
 
 def _map_points(m: np.ndarray, points) -> np.ndarray:
@@ -512,7 +458,7 @@ def remap_labels(labels, spec: Preprocessing) -> np.ndarray:
     return new[inverse].reshape(labels.shape).astype(np.int32)
 
 
-def _normalise(raw: np.ndarray, spec: Preprocessing, source: np.ndarray, fov) -> np.ndarray:
+def _normalise(raw: np.ndarray, spec: Preprocessing, source: np.ndarray, fov, name: str = "image") -> np.ndarray:
     if spec.intensity == "ct_window":
         lo = spec.level - spec.window / 2.0
         scaled = (raw - lo) * (255.0 / spec.window)
@@ -521,7 +467,7 @@ def _normalise(raw: np.ndarray, spec: Preprocessing, source: np.ndarray, fov) ->
         p_lo, p_hi = np.percentile(region, spec.percentiles)
         if not p_hi - p_lo > 1e-6 * max(1.0, abs(p_hi)):
             raise ValueError(
-                f"intensity: percentiles {spec.percentiles} are equal ({p_lo:g}) inside the field of view; "
+                f"{name}: intensity percentiles {spec.percentiles} are equal ({p_lo:g}) inside the field of view; "
                 f"the image is (nearly) constant there"
             )
         scaled = (raw - p_lo) * (255.0 / (p_hi - p_lo))
@@ -542,7 +488,7 @@ def _data3d(img, name: str, integer: bool = False) -> np.ndarray:
     return data
 
 
-def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None):
+def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, want_labels: bool = True):
     """Preprocesses one scan onto the network grid.
 
     Args:
@@ -553,6 +499,7 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None):
         missing and stay -1.
       crop_mask: optional nibabel image or array on the image's grid; when given, its non-zero voxels (instead of
         the labels) define the crop box and the mask (e.g. a brain mask for a template without labels).
+      want_labels: resample `labels` onto the grid (False: use them only for the crop box and the mask).
 
     Returns:
       ``(volume, labels, points, geometry)``: uint8 ``[D, H, W]``; int32 ``[D, H, W]`` or None; float32
@@ -561,8 +508,8 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None):
     Raises:
       ValueError: one line, e.g. labels on another grid, nothing to crop to, a constant image.
     """
-    from ldr_tf import warp  # noqa: PLC0415
-    from ldr_tf.nifti import check_same_grid  # noqa: PLC0415
+    from ldr_tf.nifti import check_same_grid, source_name  # noqa: PLC0415
+    from ldr_tf.sampling import sample_affine  # noqa: PLC0415
 
     data = _data3d(image, "image").astype(np.float32, copy=False)
     affine = np.asarray(image.affine, np.float64)
@@ -595,23 +542,26 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None):
     m = r @ _grid_matrix(spec, lo, hi, canon_spacing)
     geom = Geometry(m, spec.grid_size, shape, affine)
 
-    coords = geom.grid_coords().astype(np.float32)  # [D, H, W, 3] source voxels
-    inside = np.all((coords >= -0.5 - 1e-4) & (coords <= np.asarray(shape, np.float32) - 0.5 + 1e-4), -1)
-    raw = warp.resample(data[None, ..., None], coords[None]).numpy()[0, ..., 0]
-    cmin = np.clip(np.floor(coords.reshape(-1, 3).min(0)), 0, None).astype(int)
-    cmax = np.minimum(np.ceil(coords.reshape(-1, 3).max(0)).astype(int) + 1, shape)
+    # The grid's positions in the source are an affine function of the grid index: their box comes from the 8
+    # corners, and the samplers compute them in their compiled loop (ldr_tf.sampling).
+    corners = np.array([[a, b, c] for a in (0, spec.grid_size[0] - 1) for b in (0, spec.grid_size[1] - 1)
+                        for c in (0, spec.grid_size[2] - 1)], np.float64)
+    pos = _apply_h(m, corners)
+    cmin = np.clip(np.floor(pos.min(0)), 0, None).astype(int)
+    cmax = np.minimum(np.ceil(pos.max(0)).astype(int) + 1, shape)
     fov = tuple(slice(a, b) for a, b in zip(cmin, cmax))
-    vol = _normalise(raw, spec, data, fov)
+    raw = sample_affine(data, m, spec.grid_size, mode="linear", fill=np.nan)
+    inside = ~np.isnan(raw)
+    raw[~inside] = 0.0
+    vol = _normalise(raw, spec, data, fov, source_name(image, "image"))
     vol[~inside] = 0.0
 
     out_labels = None
-    if lab is not None:
-        out_labels = warp.warp_labels(lab[None], None, method=spec.label_order, coords=coords[None]).numpy()[0]
-        out_labels = remap_labels(out_labels, spec)
-        out_labels[~inside] = 0
+    if lab is not None and want_labels:
+        mode = "labels" if spec.label_order == "linear" else "nearest"
+        out_labels = remap_labels(sample_affine(lab, m, spec.grid_size, mode=mode), spec)
     if spec.mask_dilation_mm is not None:
-        grid_sel = warp.warp_labels(sel.astype(np.int32)[None], None, method="nearest",
-                                    coords=coords[None]).numpy()[0] != 0
+        grid_sel = sample_affine(sel.astype(np.int32), m, spec.grid_size, mode="nearest") != 0
         radius = np.ceil(spec.mask_dilation_mm / geom.spacing - 1e-9)
         vol[~_dilate_box(grid_sel & inside, radius)] = 0.0
     volume = np.round(vol).astype(np.uint8)

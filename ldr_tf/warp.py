@@ -160,18 +160,27 @@ def _sample_labels(labels, coords, method):
         base = tf.reshape(tf.range(batch) * tf.reduce_prod(sizes), [-1, 1, 1, 1])
         return tf.gather(flat, base + (pos[..., 0] * sizes[1] + pos[..., 1]) * sizes[2] + pos[..., 2])
     idx, wts = _corner_indices_and_weights(coords, sizes)
-    corner_labels = tf.gather(flat, idx)  # [8, B, d, h, w]
+    corners = [tf.gather(flat, idx[n]) for n in range(8)]
     # Score of corner n = total trilinear weight of all corners carrying the same label. The label with the
     # highest score is exactly argmax_l of per-label trilinear interpolation of one-hot maps, without ever
-    # building a one-hot tensor (148 labels at 128^3 would need 1.2 GB).
-    same = tf.cast(tf.equal(corner_labels[:, None], corner_labels[None, :]), wts.dtype)  # [8, 8, ...]
-    scores = tf.reduce_sum(same * wts[None, :], axis=1)  # [8, B, d, h, w]
-    best = tf.argmax(scores, axis=0, output_type=tf.int32)
-    return tf.squeeze(tf.gather(tf.transpose(corner_labels, [1, 2, 3, 4, 0]), best[..., None],
-                                batch_dims=4), -1)
+    # building a one-hot tensor (148 labels at 128^3 would need 1.2 GB). Elementwise only (no [8, 8, ...]
+    # tensor, no int32 transpose, which oneDNN does not support): ties go to the lowest corner index.
+    best_label, best_score = None, None
+    for n in range(8):
+        score = tf.zeros_like(wts[0])
+        for m in range(8):
+            score += wts[m] if m == n else tf.where(tf.equal(corners[m], corners[n]), wts[m], tf.zeros_like(wts[m]))
+        if n == 0:
+            best_label, best_score = corners[0], score
+        else:
+            better = score > best_score
+            best_label = tf.where(better, corners[n], best_label)
+            best_score = tf.where(better, score, best_score)
+    return best_label
 
 
 _sample_linear_xla = tf.function(_sample_linear, jit_compile=True, reduce_retracing=True)
+_sample_labels_xla = tf.function(_sample_labels, jit_compile=True, reduce_retracing=True)
 
 
 def _linear(image, coords):
@@ -262,7 +271,8 @@ def warp_labels(labels, flow, method: str = "linear", coords=None) -> tf.Tensor:
     else:
         coords = tf.convert_to_tensor(coords, tf.float32)
         _check_rank("coords", coords, 5, "[B, d, h, w, 3]")
-    out = _sample_labels(labels, coords, method)
+    out = (_sample_labels_xla if _XLA else _sample_labels)(labels, coords, method)
+    out.set_shape(coords.shape[:-1])
     return out[..., None] if squeeze else out
 
 
