@@ -110,17 +110,22 @@ def define_import_ixi_flags(fv: flags.FlagValues, default_ixi_dir: str, default_
     flags.DEFINE_string("mni_dir", default_mni_dir, "MNI152 folder (for --atlas=mni).", flag_values=fv)
     flags.DEFINE_list("grid_size", ["64"], "Network grid D,H,W (one number = a cube); 64 for 2-core training, "
                       "128 possible.", flag_values=fv)
-    flags.DEFINE_enum("atlas", "subject", ["subject", "mni"], "Fixed image: a training subject (default) or the "
-                      "MNI152 template (no labels).", flag_values=fv)
+    flags.DEFINE_enum("atlas", "subject", ["subject", "mni", "none"], "Fixed image: a training subject (default), "
+                      "the MNI152 template (no labels), or none: subject-to-subject pairs (every ordered pair of a "
+                      "subset; --paired in evaluate/compare for neighbour pairs).", flag_values=fv)
     flags.DEFINE_string("atlas_id", None, "Atlas subject id (default: the first training subject of the seeded "
                         "split).", flag_values=fv)
     flags.DEFINE_list("split", ["110", "10", "30"], "Numbers of train,val,test subjects (must add up to the "
                       "number of subjects).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the split.", flag_values=fv)
     flags.DEFINE_list("subjects", None, "Only these subject ids (default: all).", flag_values=fv)
-    flags.DEFINE_enum("skull", "crop", ["crop", "mask", "none"], "crop: field of view = label bounding box + "
-                      "margin (brain fills the grid, skull kept around it); mask: crop and zero everything "
-                      "outside the labels dilated by --mask_mm; none: whole head.", flag_values=fv)
+    flags.DEFINE_enum("skull", "crop", ["crop", "mask", "none", "head"], "crop: field of view = label bounding box "
+                      "+ margin (brain fills the grid, skull kept around it); mask: crop and zero everything "
+                      "outside the labels dilated by --mask_mm; none: whole scan fitted to the grid; head: "
+                      "label-free, the head found from intensities, isotropic --spacing_mm voxels centred on it "
+                      "(what predict repeats on a new scan; the labels are only scored).", flag_values=fv)
+    flags.DEFINE_float("spacing_mm", None, "Grid voxel size in mm for --skull=head (default 256 mm / grid size: "
+                       "2 mm at 128^3, 4 mm at 64^3).", flag_values=fv)
     flags.DEFINE_float("mask_mm", 4.0, "Dilation of the label mask for --skull=mask (mm).", flag_values=fv)
     flags.DEFINE_list("percentiles", ["1", "99"], "MRI normalisation percentiles.", flag_values=fv)
     flags.DEFINE_bool("overwrite", True, "Replace an existing dataset of the same name.", flag_values=fv)

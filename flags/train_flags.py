@@ -40,13 +40,18 @@ def define_train_flags() -> None:
                       "Start every stage at the identity (zero affine head, near-zero VTN flow head); "
                       "--noidentity_init keeps the original's random initial affine and large initial VTN flows.")
     flags.DEFINE_integer("channels", 16, "VTN width (16 = the reference network; 8 or 4 for small runs).")
-    flags.DEFINE_enum("student_stem", "ldr", ["ldr", "ldr_released"],
-                      "ldr = the student as the paper describes it; ldr_released = the original code's variant.")
+    flags.DEFINE_enum("student_stem", "ldr", ["ldr", "ldr_released", "ldr_half"],
+                      "ldr = the student as the paper describes it; ldr_released = the original code's variant; "
+                      "ldr_half = the paper's stems with every cascade at half resolution (the light student).")
     flags.DEFINE_string("student_head", None,
                         "How the student reaches full resolution: deconv | upsample (default: networks' default).")
     flags.DEFINE_integer("batch", 4, "Pairs per step (global batch under a distribution strategy).")
     flags.DEFINE_integer("steps", 100_000, "Training steps (student updates for --model=student).")
     flags.DEFINE_float("lr", 1e-4, "Adam learning rate (base).")
+    flags.DEFINE_float("seg_weight", 0.0, "Weight of the optional label supervision: 1 - soft Dice between the fixed "
+                       "and the warped moving label maps of the training pairs (VoxelMorph's semi-supervised mode); "
+                       "0 = unsupervised. Inference stays image-only.")
+    flags.DEFINE_integer("seg_labels", 16, "Labels drawn (new ones every step) for the --seg_weight Dice term.")
     flags.DEFINE_enum(
         "lr_schedule", "step", ["step", "constant", "cosine"],
         "step: RCN's schedule, 1e-4 for the first 3/5 of training then halved every 1/5; constant; cosine decay to 0.",

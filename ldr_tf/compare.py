@@ -55,6 +55,8 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("method", [], "name=spec (see module doc); a bare 'identity' or spec also works.")
     flags.DEFINE_string("subset", "test", "Scheme or subset whose pairs are compared.")
     flags.DEFINE_integer("max_pairs", 0, "Only the first N pairs (0 = all).")
+    flags.DEFINE_bool("paired", False, "Subject-to-subject datasets: neighbour pairs (keys 2k and 2k+1, both ways: "
+                      "30 pairs for 30 test subjects) instead of every ordered pair.")
     flags.DEFINE_string("out", None, "Output prefix: <out>.txt, <out>.json, <out>.png.")
 
 
@@ -140,17 +142,24 @@ class Learned(Method):
 
     def register(self, fixed, moving):
         from ldr_tf import preprocess
+        from ldr_tf.sampling import pull_back
 
+        # Label maps reach the preprocessing only when the recipe crops or masks to labels (the old atlas
+        # recipes); label-free recipes (brain-head) see the images alone, as ANTs does.
+        crop_f = fixed.labels if self.spec.needs_labels else None
+        crop_m = moving.labels if self.spec.needs_labels else None
         t = time.perf_counter()
-        f_vol, _, _, f_geom = preprocess.apply(self.spec, fixed.image, fixed.labels)
-        m_vol, _, _, m_geom = preprocess.apply(self.spec, moving.image, moving.labels)
+        f_vol, _, _, f_geom = preprocess.apply(self.spec, fixed.image, crop_f, want_labels=False)
+        m_vol, _, _, m_geom = preprocess.apply(self.spec, moving.image, crop_m, want_labels=False)
         t_model = time.perf_counter()
         res = self.registrar(f_vol[None, ..., None].astype(np.float32) / 255.0,
                              m_vol[None, ..., None].astype(np.float32) / 255.0)
         model_s = time.perf_counter() - t_model
-        vox, _ = f_geom.flow_to_original(res["flow"][0], moving=m_geom)
-        coords = _grid(fixed.image.shape) + vox
-        return {"coords": coords, "seconds": time.perf_counter() - t, "model_seconds": model_s}
+        # end to end: preprocessing + model + the flow and the warped labels on the native grid (ANTs' figure
+        # leaves out its label resampling: this side is counted a little pessimistically)
+        native = pull_back(f_geom, m_geom, res["flow"][0], labels=np.asarray(moving.labels.dataobj))
+        return {"labels": native["warped_labels"], "jac_field": native["vox"], "seconds": time.perf_counter() - t,
+                "model_seconds": model_s}
 
 
 class Ants(Method):
@@ -258,11 +267,11 @@ def _stat(values):
     return {"mean": float(v.mean()), "median": float(np.median(v)), "std": float(v.std()), "n": int(v.size)}
 
 
-def compare(methods, desc, subset: str, max_pairs: int = 0, progress: bool = True) -> dict:
+def compare(methods, desc, subset: str, max_pairs: int = 0, progress: bool = True, paired: bool = False) -> dict:
     from ldr_tf.pairs import pairs_for
     from ldr_tf.progress import Progress
 
-    pairs = pairs_for(desc, subset)
+    pairs = pairs_for(desc, subset, paired)
     if max_pairs:
         pairs = pairs[:max_pairs]
     rows = {m.name: [] for m in methods}
@@ -281,8 +290,11 @@ def compare(methods, desc, subset: str, max_pairs: int = 0, progress: bool = Tru
             rows[m.name].append({"fixed": fixed_key, "moving": moving_key, **r})
             done += 1
             bar.update(done, [(m.name, r["dice"])])
-        if moving_key != fixed_key:
+        if not paired and moving_key != fixed_key:
             scans.pop(moving_key)  # keep memory flat (in atlas mode the fixed atlas stays loaded)
+        if paired and len(scans) > 2:
+            for key in [k for k in scans if k not in (fixed_key, moving_key)]:
+                scans.pop(key)
     summary = []
     for m in methods:
         r = rows[m.name]
@@ -305,7 +317,7 @@ def table(summary) -> str:
     return "\n".join(lines)
 
 
-def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int = 2) -> dict:
+def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int = 2, paired: bool = False) -> dict:
     """Compares `method_specs` (``name=spec`` strings) on `desc`'s `subset`; writes <out>.txt/.json/.png."""
     from ldr_tf.preprocess import Preprocessing
 
@@ -316,7 +328,7 @@ def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int =
     if len(set(names)) != len(names):
         raise ValueError(f"method names must differ: {names}")
     t0 = time.perf_counter()
-    res = compare(methods, desc, subset, max_pairs)
+    res = compare(methods, desc, subset, max_pairs, paired=paired)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = table(res["summary"])
@@ -325,7 +337,8 @@ def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int =
     tmp = out.with_name(out.name + ".txt.tmp")
     tmp.write_text(header + "\n\n" + text + "\n")
     os.replace(tmp, Path(str(out) + ".txt"))
-    save_json_atomic({"dataset": str(desc.path), "subset": subset, "threads": threads, "methods": list(method_specs),
+    save_json_atomic({"dataset": str(desc.path), "subset": subset, "paired": paired, "threads": threads,
+                      "methods": list(method_specs),
                       **res}, Path(str(out) + ".json"))
     from tools import figures
 
@@ -350,7 +363,7 @@ def main(argv):
     from ldr_tf import dataset
 
     desc = dataset.load_descriptor(dataset.resolve_dataset(FLAGS.dataset, FLAGS.data_dir))
-    run(FLAGS.method, desc, FLAGS.subset, FLAGS.out, FLAGS.max_pairs, threads)
+    run(FLAGS.method, desc, FLAGS.subset, FLAGS.out, FLAGS.max_pairs, threads, FLAGS.paired)
     return 0
 
 

@@ -34,6 +34,8 @@ class TrainConfig:
     lr_schedule: str = "step"
     reg_weight: float = 1.0
     affine_weight: float = 0.1
+    seg_weight: float = 0.0
+    seg_labels: int = 16
     augment: bool = True
     teacher: str | None = None
     teacher_cache: str | None = None
@@ -72,6 +74,9 @@ class TrainConfig:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
         if self.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if self.seg_weight < 0 or self.seg_labels < 1:
+            raise ValueError(f"--seg_weight must be >= 0 and --seg_labels >= 1, got {self.seg_weight}, "
+                             f"{self.seg_labels}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"--gamma must lie in [0, 1], got {self.gamma}")
         if not 0.0 <= self.beta <= 1.0:

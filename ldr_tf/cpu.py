@@ -109,3 +109,7 @@ def bfloat16_advice(flags: set | None = None) -> str | None:
         return None
     return ("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): bfloat16 convolutions are emulated and were "
             "measured about 11x slower than float32 on such a CPU; use float32")
+
+
+if __name__ == "__main__":  # python -m ldr_tf.cpu
+    print(describe())

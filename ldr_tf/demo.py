@@ -40,8 +40,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("cascades", 1, "Cascades of the teacher and of the student.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 is the reference network.")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")
-    flags.DEFINE_integer("teacher_steps", 600, "Teacher training steps.")
-    flags.DEFINE_integer("student_steps", 450, "Student training steps (with and without ALDK alike).")
+    flags.DEFINE_integer("teacher_steps", 400, "Teacher training steps.")
+    flags.DEFINE_integer("student_steps", 250, "Student training steps (with and without ALDK alike).")
+    flags.DEFINE_integer("critic_every", 2, "ALDK: train the critic after every k-th student step (its step, with "
+                                            "the gradient penalty, costs about twice a student step).")
     flags.DEFINE_float("gamma", 0.9, "ALDK's L_adv = gamma * l_rec + (1 - gamma) * l_dis. The paper's 0.3 lets the "
                                      "adversarial term dominate a short run (README, ALDK).")
     flags.DEFINE_float("lr", 1e-4, "Adam learning rate of every run (constant schedule).")
@@ -237,8 +239,8 @@ def main(argv):
                               out_dir=str(runs / "teacher"), **common)
     student = dict(model="student", affine="lite", steps=FLAGS.student_steps,
                    val_every=max(FLAGS.student_steps // 4, 1), checkpoint_every=FLAGS.student_steps, **common)
-    aldk_cfg = TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=FLAGS.gamma, out_dir=str(runs / "student"),
-                           **student)
+    aldk_cfg = TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=FLAGS.gamma,
+                           critic_every=FLAGS.critic_every, out_dir=str(runs / "student"), **student)
     plain_cfg = TrainConfig(aldk=False, out_dir=str(runs / "student_noaldk"), **student)
     summaries = {}
     summaries["teacher"] = stages.run("2. teacher", _train, teacher_cfg, FLAGS.reuse)
@@ -263,7 +265,7 @@ def main(argv):
     figs = stages.run("7. figures", _figures, methods, desc, figs_dir, rows)
     settings = {"size": FLAGS.size, "subjects": FLAGS.subjects, "cascades": FLAGS.cascades,
                 "channels": FLAGS.channels, "batch": FLAGS.batch, "teacher_steps": FLAGS.teacher_steps,
-                "student_steps": FLAGS.student_steps, "gamma": FLAGS.gamma, "lr": FLAGS.lr, "seed": FLAGS.seed,
+                "student_steps": FLAGS.student_steps, "critic_every": FLAGS.critic_every, "gamma": FLAGS.gamma, "lr": FLAGS.lr, "seed": FLAGS.seed,
                 "dataset": str(path), "runs": str(runs), "models": str(models)}
     report = write_report(out, rows, figs, stages, settings, summaries)
     print("\n" + report.read_text().split("## Figures")[0])

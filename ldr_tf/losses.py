@@ -22,6 +22,7 @@ __all__ = [
     "smoothness_loss",
     "affine_det_loss",
     "affine_ortho_loss",
+    "sampled_dice_loss",
 ]
 
 PEARSON_EPS = 1e-6  # added to each variance, as in the reference implementation
@@ -124,3 +125,42 @@ def affine_ortho_loss(A, reduction: str = "sum") -> tf.Tensor:
     s3 = tf.linalg.det(C)
     per = s1 + (1.0 + eps) ** 2 * s2 / s3 - 6.0 * (1.0 + eps)
     return reduce(per, reduction)
+
+
+DICE_EPS = 1e-5
+
+
+def sampled_dice_loss(fixed_seg, moving_seg, flow, label_values, k: int, seed, reduction: str = "sum"):
+    """``1 - mean soft Dice`` between the fixed label map and the moving one warped by `flow`, over `k` labels.
+
+    The semi-supervised term of VoxelMorph, made affordable for atlases with many labels (148 DLMUSE regions at
+    128^3 would need 148 one-hot channels): each call scores `k` distinct labels drawn from `label_values` with
+    the stateless `seed` (a new draw every training step), so every label is supervised on average without the
+    memory of all of them at once. The moving one-hot maps are warped trilinearly (`ldr_tf.warp.warp`), so the
+    loss is differentiable with respect to the flow. A label absent from both maps scores Dice 1 (loss 0).
+
+    Args:
+      fixed_seg, moving_seg: ``[B, D, H, W]`` (or ``[..., 1]``) integer label maps.
+      flow: ``[B, D, H, W, 3]`` displacement (pull) registering moving to fixed.
+      label_values: 1-D int tensor of the labels to draw from (background excluded).
+      k: labels per call (``min(k, len(label_values))``).
+      seed: shape ``[2]`` integer stateless seed.
+    """
+    from ldr_tf import warp  # noqa: PLC0415
+
+    fixed_seg = tf.convert_to_tensor(fixed_seg)
+    moving_seg = tf.convert_to_tensor(moving_seg)
+    if fixed_seg.shape.rank == 5:
+        fixed_seg, moving_seg = fixed_seg[..., 0], moving_seg[..., 0]
+    label_values = tf.cast(tf.convert_to_tensor(label_values), tf.int32)
+    n = tf.size(label_values)
+    k = tf.minimum(int(k), n)
+    scores = tf.random.stateless_uniform(tf.shape(label_values), seed=seed)
+    labels = tf.gather(label_values, tf.math.top_k(scores, k).indices)  # k distinct labels
+    f1h = tf.cast(tf.equal(tf.cast(fixed_seg, tf.int32)[..., None], labels), tf.float32)
+    m1h = tf.cast(tf.equal(tf.cast(moving_seg, tf.int32)[..., None], labels), tf.float32)
+    w1h = warp.warp(m1h, flow)
+    inter = tf.reduce_sum(w1h * f1h, axis=[1, 2, 3])
+    denom = tf.reduce_sum(w1h + f1h, axis=[1, 2, 3])
+    dice = (2.0 * inter + DICE_EPS) / (denom + DICE_EPS)  # [B, k]
+    return reduce(1.0 - tf.reduce_mean(dice, axis=-1), reduction)

@@ -142,10 +142,6 @@ def resolve_preprocessing(choice: str, metadata: dict, grid, no_crop: bool = Fal
     return Preprocessing.from_dict(d)
 
 
-def _needs_labels(spec) -> bool:
-    return spec.crop == "labels" or spec.mask_dilation_mm is not None
-
-
 def _uncropped(spec):
     from ldr_tf.preprocess import Preprocessing
 
@@ -260,13 +256,13 @@ class Predictor:
 
         t = time.perf_counter()
         spec, note = self.spec, None
-        if _needs_labels(spec) and (f_lab is None or m_lab is None):
+        if spec.needs_labels and (f_lab is None or m_lab is None):
             missing = ", ".join(n for n, v in (("--fixed_seg", f_lab), ("--moving_seg", m_lab)) if v is None)
             note = (f"the preprocessing crops/masks to labels, which needs both label maps (missing {missing}): "
                     "both scans were taken whole (crop none, no mask)")
             spec = _uncropped(spec)
-        crop_f = f_lab if _needs_labels(spec) else None
-        crop_m = m_lab if _needs_labels(spec) else None
+        crop_f = f_lab if spec.needs_labels else None
+        crop_m = m_lab if spec.needs_labels else None
         f_vol, _, _, f_geom = preprocess.apply(spec, f_img, crop_f, want_labels=False)
         m_vol, _, _, m_geom = preprocess.apply(spec, m_img, crop_m, want_labels=False)
         times["preprocess"] = time.perf_counter() - t

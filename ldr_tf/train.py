@@ -38,7 +38,7 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
         model=fv.model, dataset=fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size, cascades=fv.cascades,
         affine=affine, channels=fv.channels, identity_init=fv.identity_init, student_stem=fv.student_stem, student_head=fv.student_head,
         batch=fv.batch, steps=fv.steps, lr=fv.lr, lr_schedule=fv.lr_schedule, reg_weight=fv.reg_weight,
-        affine_weight=fv.affine_weight, augment=fv.augment, teacher=fv.teacher, teacher_cache=fv.teacher_cache,
+        affine_weight=fv.affine_weight, seg_weight=fv.seg_weight, seg_labels=fv.seg_labels, augment=fv.augment, teacher=fv.teacher, teacher_cache=fv.teacher_cache,
         aldk=fv.aldk, gamma=fv.gamma, lambda_gp=fv.lambda_gp, beta=fv.beta, critic_steps=fv.critic_steps,
         critic_every=fv.critic_every, critic_lr=fv.critic_lr, critic_output=fv.critic_output, dis_loss=fv.dis_loss,
         critic_condition=fv.critic_condition, gp_norm=fv.gp_norm,

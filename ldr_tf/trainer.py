@@ -130,6 +130,13 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(ckpt_dir), max_to_keep=3,
                                                   checkpoint_name="ckpt")
         self.writer = tf.summary.create_file_writer(str(self.out_dir / "logs")) if self.chief else None
+        self.label_values = None
+        if cfg.seg_weight > 0:
+            values = sorted({int(v) for v in (descriptor.segmentation_class_value or {}).values()} - {0})
+            if not values:
+                raise ValueError(f"--seg_weight: the dataset {descriptor.path} names no segmentation labels "
+                                 "(segmentation_class_value)")
+            self.label_values = tf.constant(values, tf.int32)
         self._train_step = tf.function(self._distributed_step)
         self._forward = tf.function(self._forward_fn, reduce_retracing=True)
         self._identity_dice = None
@@ -185,6 +192,11 @@ class Trainer:
             out = self.model(pair, training=True)
             rec = losses.correlation_loss(fixed, out["warped"], "none")
             regs = cfg.reg_weight * out["smoothness"] + cfg.affine_weight * (out["det_loss"] + out["ortho_loss"])
+            if cfg.seg_weight > 0:
+                seed = tf.stack([tf.constant(cfg.seed, tf.int64), self.step])
+                seg = losses.sampled_dice_loss(batch["fixed_seg"], batch["moving_seg"], out["agg_flow"],
+                                               self.label_values, cfg.seg_labels, seed, "none")
+                regs = regs + cfg.seg_weight * seg
             if cfg.uses_critic:
                 dis = aldk.discrimination_loss(self.critic, out["agg_flow"], phi_t, cfg.dis_loss, condition)
                 per_sample = cfg.gamma * rec + (1.0 - cfg.gamma) * dis + regs
@@ -201,6 +213,8 @@ class Trainer:
             "det": tf.reduce_sum(out["det_loss"]),
             "ortho": tf.reduce_sum(out["ortho_loss"]),
         }
+        if cfg.seg_weight > 0:
+            logs["seg"] = tf.reduce_sum(seg)
         if cfg.uses_critic:
             logs["dis"] = tf.reduce_sum(dis)
             logs["flow_gap"] = tf.reduce_sum(tf.sqrt(tf.reduce_mean(tf.square(out["agg_flow"] - phi_t), [1, 2, 3, 4])))

@@ -175,8 +175,10 @@ class AffineLiteStem(_AffineBase):
         if len(channels) != 4 or min(channels) < 1:
             raise ValueError(f"channels: expected 4 positive encoder widths, got {channels}")
         self.channels = channels
+        last = len(channels) - 1  # the last conv feeds the pooling: see `networks.layers.leaky_relu_01_max`
         encoder = [
-            conv3d(f, 3, 2, activation="leaky_relu_01", name=f"conv{i + 1}") for i, f in enumerate(channels)
+            conv3d(f, 3, 2, activation="leaky_relu_01_max" if i == last else "leaky_relu_01", name=f"conv{i + 1}")
+            for i, f in enumerate(channels)
         ]
         encoder.append(keras.layers.AveragePooling3D(3, 2, padding="valid", name="avg_pool"))
         self._encoder_names = track_layers(self, encoder)

@@ -21,9 +21,12 @@ from networks.layers import COMPUTE_DTYPES, check_divisible, dtype_policy, spati
 from networks.ldr import LDR, STUDENT_HEADS, LDRReleased
 from networks.vtn import VTN
 
-__all__ = ["CascadeConfig", "RecursiveCascade", "STEMS", "AFFINES"]
+__all__ = ["CascadeConfig", "RecursiveCascade", "STEMS", "AFFINES", "HALF_RESOLUTION_STEMS"]
 
-STEMS = ("vtn", "ldr", "ldr_released")
+STEMS = ("vtn", "ldr", "ldr_released", "ldr_half")
+# Stems whose cascades run at half resolution (`RecursiveCascade` docstring): one upsampling and one
+# full-resolution warp at the end instead of full-resolution stems, compositions and warps in every cascade.
+HALF_RESOLUTION_STEMS = ("ldr_half",)
 AFFINES = ("vtn", "lite", "none")
 
 # (total stride, smallest size, who) of every stem kind: the legal image sizes.
@@ -31,6 +34,7 @@ _SIZE_RULES = {
     "vtn": (VTN.stride, VTN.stride, "the VTN stem"),
     "ldr": (LDR.stride, LDR.stride, "the LDR student stem"),
     "ldr_released": (LDRReleased.stride, LDRReleased.stride, "the released LDR student stem"),
+    "ldr_half": (2 * LDR.stride, 2 * LDR.stride, "the half-resolution LDR student stem"),
     "affine_vtn": (AffineStem.stride, AffineStem.min_size, "the VTN affine stem"),
     "affine_lite": (AffineLiteStem.stride, AffineLiteStem.min_size, "the lite affine stem"),
 }
@@ -41,8 +45,9 @@ class CascadeConfig:
     """What a `RecursiveCascade` is made of.
 
     Attributes:
-      stem: dense stem kind: ``"vtn"`` (teacher), ``"ldr"`` (the paper's student) or ``"ldr_released"``
-        (the student of the original code).
+      stem: dense stem kind: ``"vtn"`` (teacher), ``"ldr"`` (the paper's student), ``"ldr_released"``
+        (the student of the original code) or ``"ldr_half"`` (the paper's student stems, run at half
+        resolution: the light student, `RecursiveCascade`).
       cascades: number N of dense stems (0 is allowed with an affine stage: affine only).
       affine: first stage: ``"vtn"`` (VTN affine subnetwork), ``"lite"`` (LDR's light affine stem) or
         ``"none"``.
@@ -128,12 +133,17 @@ class CascadeConfig:
         return cls(**d)
 
 
+def _pool2(x):
+    """x2 average pooling of ``[B, D, H, W, C]`` (each half-resolution voxel = the mean of its 8 children)."""
+    return tf.nn.avg_pool3d(x, 2, 2, "VALID")
+
+
 def _dense_stem(cfg: CascadeConfig, index: int) -> keras.Model:
     fm = cfg.flow_multiplier / cfg.cascades
     name = f"deform_stem_{index}"
     if cfg.stem == "vtn":
         return VTN(channels=cfg.channels, flow_multiplier=fm, identity_init=cfg.identity_init, name=name)
-    if cfg.stem == "ldr":
+    if cfg.stem in ("ldr", "ldr_half"):
         return LDR(channels=cfg.student_channels, head=cfg.student_head, flow_multiplier=fm, name=name)
     return LDRReleased(flow_multiplier=fm, name=name)
 
@@ -141,6 +151,15 @@ def _dense_stem(cfg: CascadeConfig, index: int) -> keras.Model:
 @keras.saving.register_keras_serializable(package="ldr_tf")
 class RecursiveCascade(keras.Model):
     """[affine stage] + N dense stems, composed as in RCN.
+
+    With a half-resolution stem (``stem="ldr_half"``) the affine stage runs at full resolution, then the pair is
+    average-pooled x2 once and every dense stem, composition and warp of the cascade runs on that half-resolution
+    grid (the affine stage's field there is exact: same ``A``, half the translation, on the half grid's centred
+    coordinates). At the end the dense part of the total field (total minus the affine field) is upsampled x2
+    with the fixed separable stencil (`ldr_tf.warp.upsample_flow`, values doubled), added to the exact
+    full-resolution affine field, and the original moving image is warped once at full resolution. ``flows``
+    then holds the affine field at full resolution and the stems' own flows at half resolution (in half-grid
+    voxels, as their smoothness terms).
 
     Args:
       config: a `CascadeConfig` or its dict (`CascadeConfig.to_dict`).
@@ -194,8 +213,11 @@ class RecursiveCascade(keras.Model):
         self._check_input(input_shape)
         if self.affine_stem is not None:
             self.affine_stem.build(input_shape)
+        stem_shape = input_shape
+        if self.config.stem in HALF_RESOLUTION_STEMS:
+            stem_shape = input_shape[:1] + tuple(None if d is None else d // 2 for d in input_shape[1:4]) + (2,)
         for stem in self.dense_stems:
-            stem.build(input_shape)
+            stem.build(stem_shape)
         self.built = True
 
     # ------------------------------------------------------------------------------------ forward
@@ -244,6 +266,7 @@ class RecursiveCascade(keras.Model):
         """
         pair = tf.convert_to_tensor(pair, tf.float32)
         self._check_input(pair.shape)
+        full_pair = pair
         fixed, moving = pair[..., :1], pair[..., 1:2]
         batch = tf.shape(pair)[0]
         zeros = tf.zeros([batch], pair.dtype)
@@ -259,6 +282,15 @@ class RecursiveCascade(keras.Model):
             A = tf.eye(3, batch_shape=[batch], dtype=pair.dtype)
             b = tf.zeros([batch, 3], pair.dtype)
             det = ortho = zeros
+        half = self.config.stem in HALF_RESOLUTION_STEMS
+        if half:
+            full_affine = agg
+            fixed, moving = _pool2(fixed), _pool2(moving)
+            pair = tf.concat([fixed, moving], axis=-1)
+            if agg is not None:  # the affine field on the half grid: centred coordinates halve, A stays
+                affine_flow = warp.affine_to_flow(A, b / 2.0, tf.shape(fixed)[1:4])
+                agg = affine_flow
+                warped = warp.warp(moving, agg)
         smoothness = zeros
         for k, stem in enumerate(self.dense_stems):
             inputs = pair if agg is None else tf.concat([fixed, warped], axis=-1)
@@ -272,8 +304,15 @@ class RecursiveCascade(keras.Model):
             else:
                 agg = warp.compose(agg, u)
             warped = warp.warp(moving, agg)
+        if half:
+            fixed, moving = full_pair[..., :1], full_pair[..., 1:2]
+            dense = agg if full_affine is None else agg - affine_flow
+            agg = warp.upsample_flow(dense, 2)
+            if full_affine is not None:
+                agg = full_affine + agg
+            warped = warp.warp(moving, agg)
         # The XLA sampler relaxes static shapes; restore them for the next stem and for callers.
-        agg = tf.ensure_shape(agg, flows[0].shape)
+        agg = tf.ensure_shape(agg, full_pair.shape[:-1] + (3,))
         warped = tf.ensure_shape(warped, moving.shape)
         return {
             "flows": flows,

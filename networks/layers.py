@@ -20,6 +20,7 @@ import keras
 
 __all__ = [
     "leaky_relu_01",
+    "leaky_relu_01_max",
     "conv3d",
     "conv3d_transpose",
     "near_zero_initializer",
@@ -42,8 +43,20 @@ def leaky_relu_01(x):
     return keras.activations.leaky_relu(x, negative_slope=LEAKY_SLOPE)
 
 
+@keras.saving.register_keras_serializable(package="ldr_tf")
+def leaky_relu_01_max(x):
+    """The same function as `leaky_relu_01`, written ``max(x, 0.1 x)``.
+
+    For a convolution whose output feeds a pooling layer: TensorFlow's graph optimizer (remapper) tries to fuse
+    Conv3D + BiasAdd + LeakyRelu there, fails on the gradient that needs the pre-activation, and prints an
+    ``E ... remapper failed: ... LeakyReluGrad`` line at every training trace (harmless, but alarming). This form
+    is not a LeakyRelu op, so nothing is attempted; the values and gradients are the same.
+    """
+    return keras.ops.maximum(x, LEAKY_SLOPE * x)
+
+
 def _activation(activation):
-    return leaky_relu_01 if activation == "leaky_relu_01" else activation
+    return {"leaky_relu_01": leaky_relu_01, "leaky_relu_01_max": leaky_relu_01_max}.get(activation, activation)
 
 
 def conv3d(

@@ -59,9 +59,13 @@ def test_add_derived_analytic():
     targets = benchmark.target_report(rows)
     assert [t["variant"] for t in targets] == ["xla=on fp32", "xla=on bf16"]
     fp32 = targets[0]
-    assert fp32["median_ok"] and fp32["faster_than_teacher"] and fp32["memory_ok"]
-    assert fp32["x_target"] == pytest.approx(1.0)
-    assert targets[1]["faster_than_teacher"] is None  # no teacher measured for that variant
+    assert not fp32["median_ok"] and not fp32["speedup_ok"] and fp32["memory_ok"]  # 0.5 s, 4x, +300 MB
+    assert fp32["x_target"] == pytest.approx(0.5 / benchmark.TARGET_MEDIAN_S)
+    assert targets[1]["speedup_ok"] is None  # no teacher measured for that variant
+    light = [_row("teacher", 1.0), _row("student", 0.125)]
+    benchmark.add_derived(light, {"float32": 100.0})
+    (t,) = benchmark.target_report(light)
+    assert t["median_ok"] and t["speedup_ok"] and t["memory_ok"]
 
     table = benchmark.format_table(rows)
     assert table.splitlines()[0].split()[:3] == ["size", "model", "casc"]
@@ -69,10 +73,11 @@ def test_add_derived_analytic():
 
 
 def test_target_report_misses():
-    rows = [_row("teacher", 1.0), _row("student", 1.5, peak_mb=1600.0)]
+    rows = [_row("teacher", 1.0), _row("student", 0.45)]
+    rows[1]["call_peak_mb"] = 1200.0
     benchmark.add_derived(rows, {"float32": 100.0})
     (t,) = benchmark.target_report(rows)
-    assert not t["median_ok"] and not t["faster_than_teacher"] and not t["memory_ok"]
+    assert not t["median_ok"] and not t["speedup_ok"] and not t["memory_ok"]
     assert t["x_target"] == pytest.approx(3.0)
 
 

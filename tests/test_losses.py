@@ -54,3 +54,28 @@ def test_affine_losses_on_rotation_and_scaling():
     np.testing.assert_allclose(L.affine_ortho_loss(both, "none").numpy(), [0, ref], atol=1e-7)
     with pytest.raises(ValueError, match="A: expected"):
         L.affine_det_loss(np.eye(3))
+
+
+def test_sampled_dice_loss_values_gradient_and_seed():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    seg = np.zeros((2, 8, 8, 8), np.int32)
+    seg[:, 2:6, 2:6, 2:6] = 3
+    seg[:, 0:2, :, :] = 7
+    values = tf.constant([3, 7, 9], tf.int32)  # 9 is absent from both maps: Dice 1 (loss 0)
+    zero = tf.zeros([2, 8, 8, 8, 3])
+    same = L.sampled_dice_loss(seg, seg, zero, values, 3, [1, 2], "none")
+    np.testing.assert_allclose(same.numpy(), 0.0, atol=1e-5)
+    other = np.where(seg == 3, 7, np.where(seg == 7, 3, 0)).astype(np.int32)  # labels swapped: no overlap
+    swapped = L.sampled_dice_loss(seg, other, zero, values, 3, [1, 2], "none").numpy()
+    np.testing.assert_allclose(swapped, 2.0 / 3.0, atol=1e-4)  # two of the three labels fully wrong
+    # differentiable in the flow, and the same seed draws the same labels
+    flow = tf.Variable(rng.normal(0, 0.5, (2, 8, 8, 8, 3)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = L.sampled_dice_loss(seg, seg, flow, values, 2, [5, 6])
+    grad = tape.gradient(loss, flow)
+    assert float(tf.reduce_max(tf.abs(grad))) > 0
+    a = L.sampled_dice_loss(seg, other, flow, values, 1, [3, 4]).numpy()
+    b = L.sampled_dice_loss(seg, other, flow, values, 1, [3, 4]).numpy()
+    assert a == b

@@ -57,10 +57,20 @@ def muse_names(meta_dir) -> dict:
 
 
 def ixi_spec(grid_size=(64, 64, 64), skull: str = "crop", mask_mm: float = 4.0,
-             percentiles=(1.0, 99.0)) -> pp.Preprocessing:
-    """The IXI `Preprocessing`: RAS, keep_aspect, percentile normalisation, crop/mask per `skull`."""
-    if skull not in ("crop", "mask", "none"):
-        raise ValueError(f"skull: expected crop, mask or none, got {skull!r}")
+             percentiles=(1.0, 99.0), spacing_mm: float | None = None) -> pp.Preprocessing:
+    """The IXI `Preprocessing`: RAS, keep_aspect, percentile normalisation, crop/mask per `skull`.
+
+    ``skull="head"`` is label-free (`ldr_tf.preprocess.RECIPES` ``brain-head``): the head box from intensities and
+    isotropic `spacing_mm` voxels (default ``256 / max(grid_size)`` mm) centred on it.
+    """
+    if skull not in ("crop", "mask", "none", "head"):
+        raise ValueError(f"skull: expected crop, mask, none or head, got {skull!r}")
+    if skull == "head":
+        spacing = spacing_mm if spacing_mm is not None else 256.0 / max(grid_size)
+        return pp.recipe("brain-head", grid_size=tuple(grid_size), percentiles=tuple(percentiles),
+                         spacing_mm=spacing)
+    if spacing_mm is not None:
+        raise ValueError("spacing_mm: only with skull=head")
     return pp.recipe(
         "brain", grid_size=tuple(grid_size), orientation="RAS", percentiles=tuple(percentiles),
         crop="none" if skull == "none" else "labels", mask_dilation_mm=mask_mm if skull == "mask" else None,
@@ -89,7 +99,7 @@ def main(fv, argv=None) -> dict:
     grid = imp.parse_grid(fv.grid_size)
     try:
         percentiles = tuple(float(p) for p in fv.percentiles)
-        spec = ixi_spec(grid, fv.skull, fv.mask_mm, percentiles)
+        spec = ixi_spec(grid, fv.skull, fv.mask_mm, percentiles, fv.spacing_mm)
     except ValueError as e:
         raise imp.UsageError(str(e)) from None
     subjects = imp.find_subjects(str(ixi / "t1" / "{id}_T1.nii.gz"),
@@ -112,9 +122,9 @@ def main(fv, argv=None) -> dict:
             raise ValueError("--split: no training subject to use as atlas")
         if atlas_id not in {s.id for s in subjects}:
             raise ValueError(f"--atlas_id: subject '{atlas_id}' not found")
-    else:
-        if fv.atlas_id:
-            raise imp.UsageError("--atlas_id: only with --atlas=subject")
+    elif fv.atlas_id:
+        raise imp.UsageError("--atlas_id: only with --atlas=subject")
+    elif fv.atlas == "mni":
         atlas_subject = _mni_atlas(Path(fv.mni_dir), crop=spec.crop == "labels")
     data_dir = Path(fv.data_dir).expanduser() if fv.data_dir else dataset.default_data_dir()
     output = data_dir / f"{fv.name}.json"

@@ -4,9 +4,11 @@ Stages (``--stages``, all by default; each one resumes or skips what is already 
 pieces, interrupted with Ctrl-C and started again):
 
 1. ``import``: ``tools.import_ixi``: the 150 IXI T1 scans + 148-label DLMUSE maps -> ``brain.json`` + HDF5 at
-   ``--grid``^3, split by subject 110 / 10 / 30 (train / val / test), atlas-based (fixed = one training subject, the
-   atlas; moving = every other subject), like the original brain setup: one common space keeps the 148 labels
-   comparable and matches how the original LDR/RCN brain models were trained and evaluated;
+   ``--grid``^3, split by subject 110 / 10 / 30 (train / val / test). ``--mode=subject`` (default): label-free
+   preprocessing (the head found from intensities, ``--spacing_mm`` isotropic voxels centred on it: what predict
+   repeats on any new scan) and subject-to-subject pairs (every ordered pair of training subjects; the comparison
+   uses the 30 neighbour pairs of the test subjects). ``--mode=atlas``: the earlier setup, every scan cropped to its
+   own label box and registered to one training subject (the atlas);
 2. ``teacher``: VTN affine + ``--teacher_cascades`` VTN cascades (width ``--channels``), unsupervised;
 3. ``student``: the light-weight student (lite affine + ``--student_cascades`` LDR stems) with ALDK from the teacher;
 4. ``student_noaldk``: the same student without ALDK (the ablation);
@@ -14,7 +16,8 @@ pieces, interrupted with Ctrl-C and started again):
 6. ``compare``: identity, the teacher's affine stage alone, teacher, student, student without ALDK and ANTs SyN
    (when ``antspyx`` is installed) on the test pairs, scored on the atlas' native grid (``ldr_tf.compare``).
 
-Defaults train on 2 CPU cores in about three hours in total (64^3 grid, checkpoints every 250 steps).
+Label supervision is optional (``--seg_weight``: a Dice term on the training pairs' label maps); inference is
+image-only either way. Checkpoints every 250 steps: interrupt and run again to resume.
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Where brain.json + brain.h5 go (default <work_dir>/data).")
     flags.DEFINE_string("work_dir", "brain_out", "Runs, models and the comparison.")
     flags.DEFINE_list("stages", list(STAGES), f"Stages to run, among {', '.join(STAGES)}.")
-    flags.DEFINE_integer("grid", 64, "Network grid (multiple of 64; 128 needs ~8x the time).")
+    flags.DEFINE_enum("mode", "subject", ["subject", "atlas"], "subject: label-free preprocessing and "
+                      "subject-to-subject pairs; atlas: label-box crops and one atlas subject (the earlier recipe).")
+    flags.DEFINE_integer("grid", 128, "Network grid (multiple of 64). With --mode=subject the voxels are "
+                         "--spacing_mm, so 128 covers 256 mm: any adult head.")
+    flags.DEFINE_float("spacing_mm", None, "Grid voxel size for --mode=subject (default 256 / --grid: 2 mm at 128).")
+    flags.DEFINE_float("seg_weight", 0.0, "Label supervision of the teacher and the students (train --seg_weight).")
     flags.DEFINE_integer("teacher_cascades", 2, "VTN cascades of the teacher.")
     flags.DEFINE_integer("student_cascades", 2, "LDR cascades of the student.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 = the reference network.")
@@ -85,6 +93,10 @@ def main(argv):
         from tools import import_ixi
 
         args = ["import_ixi", f"--data_dir={data_dir}", f"--grid_size={FLAGS.grid}"]
+        if FLAGS.mode == "subject":
+            args += ["--skull=head", "--atlas=none"]
+            if FLAGS.spacing_mm:
+                args.append(f"--spacing_mm={FLAGS.spacing_mm}")
         if FLAGS.ixi_dir:
             args.append(f"--ixi_dir={FLAGS.ixi_dir}")
         rc = import_ixi.run(args)
@@ -93,7 +105,8 @@ def main(argv):
     if not dataset.is_file():
         raise cli.UsageError(f"{dataset} not found: run the import stage first")
     common = dict(dataset=str(dataset), image_size=FLAGS.grid, batch=FLAGS.batch, lr=FLAGS.lr, lr_schedule="step",
-                  val_every=500, val_pairs=10, checkpoint_every=250, log_every=50, seed=FLAGS.seed)
+                  val_every=500, val_pairs=10, checkpoint_every=250, log_every=50, seed=FLAGS.seed,
+                  seg_weight=FLAGS.seg_weight)
     teacher = TrainConfig(model="teacher", affine="vtn", cascades=FLAGS.teacher_cascades, channels=FLAGS.channels,
                           steps=FLAGS.teacher_steps, out_dir=str(runs / "teacher"), **common)
     student = dict(model="student", affine="lite", cascades=FLAGS.student_cascades, steps=FLAGS.student_steps,
@@ -138,8 +151,9 @@ def main(argv):
             print("antspyx is not installed: ANTs SyN is left out (pip install '.[peers]')", file=sys.stderr)
         from ldr_tf.dataset import load_descriptor
 
-        compare.run(methods, load_descriptor(dataset), "test", work / "compare" / "brain_test", FLAGS.max_pairs,
-                    FLAGS.threads or 2)
+        desc = load_descriptor(dataset)
+        compare.run(methods, desc, "test", work / "compare" / "brain_test", FLAGS.max_pairs, FLAGS.threads or 2,
+                    paired=not desc.atlas)
     return 0
 
 
