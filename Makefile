@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.ldr-tf-installed
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install install-ci test test-slow demo bench clean
 
 # tensorflow-serving-api (TF Serving client protos for tools/serving) goes in with --no-deps: its metadata
 # requires the full `tensorflow` wheel, which would clash with tensorflow-cpu; it needs only grpcio and
@@ -18,6 +18,11 @@ $(STAMP): setup.py constraints.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The optional test dependencies (antspyx for the ANTs comparison tests, PyYAML for the compose-file check):
+# .ci/run installs them so that no test skips in CI; `make test` alone stays the quick default.
+install-ci: $(STAMP)
+	$(PIP) install -q -c constraints.txt -e '.[ci]'
 
 test: $(STAMP)
 	$(PY) -m pytest -q

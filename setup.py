@@ -28,10 +28,13 @@ setup(
         "absl-py>=2.1",
         "tensorboard>=2.20,<2.22",  # training summaries (tf.summary needs it; tensorflow-cpu does not pull it in)
         "matplotlib>=3.8",  # report figures (Dice-vs-speed plot, slice comparisons, overlays)
+        "scipy>=1.11",  # connected components of the label-free head box (ldr_tf.preprocess); test oracle
     ],
     extras_require={
-        # scipy: independent oracle for the warp tests; grpcio: the serving client tests (stand-in gRPC server)
-        "test": ["pytest>=8", "scipy>=1.11", "grpcio>=1.60"],
+        # grpcio: the serving client tests (stand-in gRPC server)
+        "test": ["pytest>=8", "grpcio>=1.60"],
+        # everything the optional tests need (.ci/run installs it, so that no test skips in CI)
+        "ci": ["pytest>=8", "grpcio>=1.60", "antspyx>=0.6", "pyyaml>=6"],
         # tools/serving (gRPC client). Also run `pip install --no-deps tensorflow-serving-api==2.21.0`: listing it
         # here would pull in the full `tensorflow` wheel next to tensorflow-cpu (its metadata requires it).
         "serving": ["grpcio>=1.60"],
