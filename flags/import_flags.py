@@ -28,7 +28,8 @@ def define_preprocessing_flags(fv: flags.FlagValues, recipe_default: str = "none
     """`ldr_tf.preprocess.Preprocessing` fields as flags (None = from the recipe)."""
     flags.DEFINE_enum("recipe", recipe_default, list(RECIPES), "Preset preprocessing: liver (CT, crop to the "
                       "liver, stretch, W/L 290/120, mask 0/255), brain (MRI, crop to the labels, keep_aspect, "
-                      "1..99th percentile), none. Any preprocessing flag given overrides the preset.",
+                      "1..99th percentile), brain-head (MRI, label-free: head box, 2 mm voxels on 128^3), none. "
+                      "Any preprocessing flag given overrides the preset.",
                       flag_values=fv)
     flags.DEFINE_list("grid_size", None, "Network grid D,H,W (one number = a cube).", flag_values=fv)
     flags.DEFINE_string("orientation", None, "Orientation of the grid axes: 3 letters (RAS, LPS, ...) or 'native'. "
@@ -36,7 +37,10 @@ def define_preprocessing_flags(fv: flags.FlagValues, recipe_default: str = "none
     flags.DEFINE_enum("resample", None, list(RESAMPLE_MODES), "stretch: fit the field of view to the grid per "
                       "axis (anisotropic); keep_aspect: isotropic spacing, zero padding.", flag_values=fv)
     flags.DEFINE_enum("crop", None, list(CROP_MODES), "none: whole scan; labels: bounding box of --crop_labels "
-                      "plus the margin.", flag_values=fv)
+                      "plus the margin; foreground: label-free, the bounding box of the largest region above an "
+                      "Otsu threshold (head, body) plus the margin.", flag_values=fv)
+    flags.DEFINE_float("spacing_mm", None, "Isotropic grid voxels of this many mm centred on the field of view "
+                       "(instead of fitting the field of view to the grid).", flag_values=fv)
     flags.DEFINE_list("crop_labels", None, "Source label values defining the crop box and mask (empty: every "
                       "non-zero label).", flag_values=fv)
     flags.DEFINE_float("crop_margin_fraction", None, "Crop margin as a fraction of the box extent (default 0.1).",

@@ -64,7 +64,8 @@ class TrainConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.model == "student" and self.aldk
+        """ALDK needs the teacher's flows; a student without ALDK uses them only when given (to log flow_gap)."""
+        return self.model == "student" and (self.aldk or bool(self.teacher or self.teacher_cache))
 
     def validate(self) -> None:
         """Raises ValueError for inconsistent settings, naming the flag."""
@@ -83,7 +84,7 @@ class TrainConfig:
             raise ValueError(f"--beta must lie in [0, 1], got {self.beta}")
         if self.critic_steps < 1 or self.critic_every < 1:
             raise ValueError("--critic_steps and --critic_every must be >= 1")
-        if self.uses_teacher and not (self.teacher or self.teacher_cache):
+        if self.uses_critic and not (self.teacher or self.teacher_cache):
             raise ValueError("--model=student with ALDK needs --teacher (run dir or SavedModel) or --teacher_cache "
                              "(python -m ldr_tf.distill); use --noaldk for the reconstruction-only student")
         if not self.out_dir:

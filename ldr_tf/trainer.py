@@ -6,10 +6,15 @@ summaries and the progress bar between steps.
 
 Losses (per sample, then summed over the batch as in the reference; see `ldr_tf.losses`):
 
-* teacher / student without ALDK: ``l_rec + reg_weight * sum_k smooth(u_k) + affine_weight * (det + ortho)``;
-* student with ALDK: ``gamma * l_rec + (1 - gamma) * l_dis + reg_weight * sum_k smooth(u_k) + affine_weight *
-  (det + ortho)``, then after every ``critic_every``-th student update, ``critic_steps`` critic updates on the flows
-  of that same batch (`ldr_tf.aldk`).
+* teacher / student without ALDK: ``L_u = l_rec + reg_weight * sum_k smooth(u_k) + affine_weight * (det + ortho)
+  [+ seg_weight * l_seg]``;
+* student with ALDK: ``gamma * L_u + (1 - gamma) * l_dis`` (one gamma for the whole unsupervised loss, as the
+  released code: the reconstruction and the regularisers keep the same ratio as without ALDK, so the ablation
+  changes one thing), then after every ``critic_every``-th student update, ``critic_steps`` critic updates on the
+  flows of that same batch (`ldr_tf.aldk`).
+
+Every student given a teacher (``--teacher``/``--teacher_cache``, with or without ALDK) logs ``flow_gap``, the RMS
+distance in voxels between its total flow and the teacher's for the same pair.
 
 The data stream is a pure function of (seed, element index), so the data position of a run is its step: a
 resumed run continues exactly where the checkpoint left it.
@@ -34,11 +39,20 @@ from ldr_tf.config import TrainConfig
 from ldr_tf.progress import Progress
 from ldr_tf.runs import CHECKPOINT_DIR, build_network
 
-__all__ = ["RCNStepSchedule", "make_schedule", "Trainer", "TrainingDiverged"]
+__all__ = ["RCNStepSchedule", "make_schedule", "Trainer", "TrainingDiverged", "student_loss"]
 
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite."""
+
+
+def student_loss(rec, regs, cfg: TrainConfig, dis=None):
+    """Per-sample training loss: ``L_u = rec + regs`` without a discrimination term, ``gamma * L_u + (1 - gamma) *
+    dis`` with one (ALDK). `regs` holds every regulariser and the optional label term, already weighted."""
+    unsupervised = rec + regs
+    if dis is None:
+        return unsupervised
+    return cfg.gamma * unsupervised + (1.0 - cfg.gamma) * dis
 
 
 @keras.saving.register_keras_serializable(package="ldr_tf")
@@ -197,11 +211,10 @@ class Trainer:
                 seg = losses.sampled_dice_loss(batch["fixed_seg"], batch["moving_seg"], out["agg_flow"],
                                                self.label_values, cfg.seg_labels, seed, "none")
                 regs = regs + cfg.seg_weight * seg
+            per_sample = student_loss(rec, regs, cfg, dis=None)
             if cfg.uses_critic:
                 dis = aldk.discrimination_loss(self.critic, out["agg_flow"], phi_t, cfg.dis_loss, condition)
-                per_sample = cfg.gamma * rec + (1.0 - cfg.gamma) * dis + regs
-            else:
-                per_sample = rec + regs
+                per_sample = student_loss(rec, regs, cfg, dis)
             loss = tf.reduce_sum(per_sample)
         variables = self.model.trainable_variables
         grads = tape.gradient(loss, variables)
@@ -217,6 +230,7 @@ class Trainer:
             logs["seg"] = tf.reduce_sum(seg)
         if cfg.uses_critic:
             logs["dis"] = tf.reduce_sum(dis)
+        if phi_t is not None:
             logs["flow_gap"] = tf.reduce_sum(tf.sqrt(tf.reduce_mean(tf.square(out["agg_flow"] - phi_t), [1, 2, 3, 4])))
         if train_critic:
             phi_s = tf.stop_gradient(out["agg_flow"])

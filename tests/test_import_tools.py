@@ -288,6 +288,35 @@ def test_ixi_recipe_on_real_subjects(shared_data, tmp_path):
         assert ((back > 0) == (native > 0)).mean() > 0.95
 
 
+def test_ixi_label_free_subject_to_subject(shared_data, tmp_path):
+    ids = ["IXI013-HH-1212", "IXI014-HH-1236", "IXI015-HH-1258", "IXI033-HH-1259"]
+    if not all((shared_data / "ixi" / "t1" / f"{i}_T1.nii.gz").is_file() for i in ids):
+        pytest.skip("IXI subjects not present")
+    rc = import_ixi.run(["import_ixi", f"--ixi_dir={shared_data / 'ixi'}", f"--data_dir={tmp_path}",
+                         f"--subjects={','.join(ids)}", "--split=2,2,0", "--grid_size=32", "--skull=head",
+                         "--atlas=none", "--progress=false"])
+    assert rc == 0
+    desc = dataset.load_descriptor(tmp_path / "brain.json")
+    assert desc.atlas is None
+    spec = pp.Preprocessing.from_dict(desc.extra["preprocessing"])
+    assert spec.crop == "foreground" and spec.spacing_mm == 8.0 and not spec.needs_labels  # 256 mm / 32
+    from ldr_tf.pairs import pairs_for
+
+    assert sorted(pairs_for(desc, "train")) == sorted([(a, b) for a in desc.subsets["train"]
+                                                       for b in desc.subsets["train"] if a != b])
+    with h5py.File(desc.files["/"], "r") as h5:
+        for key in desc.subsets["train"]:
+            s = dataset.read_subject(h5, key)
+            np.testing.assert_allclose(s["attrs"]["spacing"], 8.0, rtol=1e-6)
+            # the whole head is on the grid: every label lies inside it, away from the border
+            nz = np.nonzero(s["segmentation"])
+            assert min(int(n.min()) for n in nz) >= 2 and max(int(n.max()) for n in nz) <= 29
+            # the same volume comes out of the scan alone (no label map): what predict repeats
+            img = nib.load(s["attrs"]["source_file"])
+            vol, _, _, _ = pp.apply(spec, img)
+            np.testing.assert_array_equal(vol, s["volume"])
+
+
 def test_ct_recipe_on_real_slabs(shared_data, tmp_path):
     if not (shared_data / "totalseg_ct" / "example_ct.nii.gz").is_file():
         pytest.skip("totalseg_ct not present")

@@ -206,7 +206,7 @@ def plain_module(tmp_path_factory):
 
 
 BAD = ["missing", "4d", "nan", "plain_module", "not_saved_model", "run_dir", "under_file", "existing", "synthetic",
-       "label_grid", "bad_recipe"]
+       "label_grid", "bad_recipe", "constant"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -249,13 +249,19 @@ def test_bad_input_one_line_exit_1_and_nothing_left(case, student, scans, plain_
         culprit = str(out / "warped.nii.gz")
     elif case == "synthetic":
         args[5] = "--preprocessing=auto"
-        culprit = "--preprocessing=liver|brain|none or a spec .json"
+        culprit = "--preprocessing=liver|brain|brain-head|none or a spec .json"
     elif case == "label_grid":
         culprit = _save(d / "seg_other.nii.gz", np.ones((8, 8, 8), np.int16), np.eye(4))
         args[6] = f"--moving_seg={culprit}"
+        culprit += f": label map is on a different grid than its image ({scans['moving']})"
+    elif case == "constant":
+        culprit = _save(d / "zeros.nii.gz", np.zeros(nib.load(scans["fixed"]).shape, np.float32), _fixed_affine())
+        args[2] = f"--fixed={culprit}"
+        args[5] = "--preprocessing=brain"  # percentile normalisation
+        culprit += ": intensity percentiles"
     elif case == "bad_recipe":
         args[5] = "--preprocessing=lung"
-        culprit = "expected auto, liver, brain, none or a .json file, got 'lung'"
+        culprit = "expected auto, liver, brain, brain-head, none or a .json file, got 'lung'"
     rc = predict.run(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1

@@ -483,7 +483,7 @@ def spec_from_flags(fv: flags.FlagValues) -> pp.Preprocessing:
     if fv.grid_size is not None:
         over["grid_size"] = parse_grid(fv.grid_size)
     for name in ("orientation", "resample", "crop", "crop_margin_fraction", "crop_margin_voxels", "intensity",
-                 "window", "level", "label_order", "mask_dilation_mm"):
+                 "window", "level", "label_order", "mask_dilation_mm", "spacing_mm"):
         if getattr(fv, name) is not None:
             over[name] = getattr(fv, name)
     if fv.crop_labels is not None:
