@@ -236,6 +236,19 @@ class Predictor:
             loaded: dict | None = None) -> dict:
         """Registers one pair and writes its outputs into `out_dir` (module docstring); returns ``result.json``.
 
+        The same as ``start(...)()``: see `start`.
+        """
+        return self.start(fixed, moving, out_dir, moving_seg, fixed_seg, write_mm, overwrite, loaded)()
+
+    def start(self, fixed: str, moving: str, out_dir: str | os.PathLike, moving_seg: str | None = None,
+              fixed_seg: str | None = None, write_mm: bool = False, overwrite: bool = False,
+              loaded: dict | None = None):
+        """Registers one pair and starts writing its outputs; returns ``finish()``, which waits for the files,
+        puts them in place (with ``result.json``) and returns the result.
+
+        Between the two, the files are compressed in background threads: a batch registers the next pair
+        meanwhile (`run_pairs`). Until ``finish()`` returns, nothing of this pair is in `out_dir`.
+
         `loaded` is the pair as `load_pair` read it (e.g. in a background thread while the previous pair ran);
         None reads it here.
 
@@ -244,7 +257,6 @@ class Predictor:
             existing outputs without `overwrite`, ...). Nothing is written then.
         """
         from ldr_tf import metrics, nifti, preprocess
-        from ldr_tf.config import save_json_atomic
         from ldr_tf.sampling import pull_back, sample_affine
 
         out_dir = Path(out_dir)
@@ -319,13 +331,26 @@ class Predictor:
             stats = metrics.jacobian_stats(grid_flow)
             result.update(jac_std_grid=stats["jac_std"], folding_pct_grid=stats["folding_pct"])
             times["metrics"] = time.perf_counter() - t
+        except BaseException:
+            _abandon(futures, pool, stage, out_dir, existed)
+            raise
+        session = dict(self.session_seconds)
 
+        def finish() -> dict:
+            return self._finish(result, times, session, futures, pool, stage, out_dir, existed, overwrite)
+
+        return finish
+
+    def _finish(self, result, times, session, futures, pool, stage, out_dir, existed, overwrite) -> dict:
+        from ldr_tf.config import save_json_atomic
+
+        try:
             t = time.perf_counter()
             for f in futures:
                 f.result()
             written = sorted(f.name for f in stage.iterdir()) + ["result.json"]
-            times["write"] = time.perf_counter() - t  # what the writes took beyond the metrics they overlapped
-            result["seconds"] = {**times, **self.session_seconds}
+            times["write"] = time.perf_counter() - t  # what the writes took beyond what they overlapped
+            result["seconds"] = {**times, **session}
             result["outputs"] = written
             save_json_atomic(result, stage / "result.json")
             umask = os.umask(0)
@@ -338,15 +363,20 @@ class Predictor:
                 if (out_dir / name).is_file():
                     (out_dir / name).unlink()
         except BaseException:
-            for f in futures:
-                f.cancel()
-            pool.shutdown(wait=True)
-            shutil.rmtree(stage, ignore_errors=True)
-            _remove_if_created(out_dir, existed)
+            _abandon(futures, pool, stage, out_dir, existed)
             raise
         pool.shutdown(wait=True)
         shutil.rmtree(stage, ignore_errors=True)
         return result
+
+
+def _abandon(futures, pool, stage: Path, out_dir: Path, existed: bool) -> None:
+    """A pair failed: stop its writes and remove everything it wrote (its staging folder, an out_dir it made)."""
+    for f in futures:
+        f.cancel()
+    pool.shutdown(wait=True)
+    shutil.rmtree(stage, ignore_errors=True)
+    _remove_if_created(out_dir, existed)
 
 
 def _label_dtype(labels: np.ndarray):
@@ -433,8 +463,9 @@ def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, wri
 
     Every destination is checked for existing outputs before the first pair runs. The next pair's files are read
     in a background thread while the current one runs (`first`: a future of `load_pair` for the first pair,
-    started earlier by the caller, e.g. while the model loaded). Prints one line per pair. Returns the result
-    dicts (with ``name``).
+    started earlier by the caller, e.g. while the model loaded), and each pair's output files are compressed while
+    the next pair is registered (`Predictor.start`). A pair that fails stops the batch: the pairs before it are
+    complete, nothing of it is left. Prints one line per pair. Returns the result dicts (with ``name``).
     """
     from ldr_tf.progress import Progress
 
@@ -449,6 +480,29 @@ def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, wri
     def read(p):
         return reader.submit(load_pair, p["fixed"], p["moving"], p["moving_seg"], p["fixed_seg"])
 
+    def report(i, p, r):
+        results.append({"name": p["name"], **r})
+        bar.update(i + 1)
+        line = f"{p['name'] or 'pair'}: " + ", ".join(f"{k} {r['seconds'][k]:.2f}s" for k in TIMING_KEYS)
+        if "dice" in r:
+            line += f"; Dice {r['dice_before']:.3f} -> {r['dice']:.3f} over {r['labels']} labels"
+        if r["preprocessing_note"]:
+            print(f"{prog}: note: {r['preprocessing_note']}", file=sys.stderr)
+        print(line, flush=True)
+
+    def named(p, e):
+        return ValueError(f"pair {p['name']}: {' '.join(str(e).split())}") if p["name"] else e
+
+    pending = []  # [(index, pair, finish)] of the pair whose files are still being written
+
+    def flush():
+        while pending:
+            j, q, done = pending.pop()
+            try:
+                report(j, q, done())
+            except ValueError as e:
+                raise named(q, e) from None
+
     try:
         upcoming = first if first is not None else read(pairs[0])
         for i, (p, dest) in enumerate(zip(pairs, dests)):
@@ -456,22 +510,21 @@ def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, wri
             if i + 1 < len(pairs):
                 upcoming = read(pairs[i + 1])
             try:
-                r = predictor.run(p["fixed"], p["moving"], dest, p["moving_seg"], p["fixed_seg"], write_mm,
-                                  overwrite, loaded=current.result())
+                finish = predictor.start(p["fixed"], p["moving"], dest, p["moving_seg"], p["fixed_seg"], write_mm,
+                                         overwrite, loaded=current.result())
             except ValueError as e:
-                if p["name"]:
-                    raise ValueError(f"pair {p['name']}: {' '.join(str(e).split())}") from None
-                raise
-            results.append({"name": p["name"], **r})
-            bar.update(i + 1)
-            line = f"{p['name'] or 'pair'}: " + ", ".join(f"{k} {r['seconds'][k]:.2f}s" for k in TIMING_KEYS)
-            if "dice" in r:
-                line += f"; Dice {r['dice_before']:.3f} -> {r['dice']:.3f} over {r['labels']} labels"
-            if r["preprocessing_note"]:
-                print(f"{prog}: note: {r['preprocessing_note']}", file=sys.stderr)
-            print(line, flush=True)
+                flush()  # the pairs before this one are complete
+                raise named(p, e) from None
+            flush()  # the previous pair's files were written while this one ran
+            pending.append((i, p, finish))
+        flush()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
+        for _, _, done in pending:  # interrupted (not a ValueError): complete what was registered, or clean up
+            try:
+                done()
+            except BaseException:  # noqa: BLE001 (its own staging folder is removed by _finish)
+                pass
     return results
 
 

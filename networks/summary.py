@@ -159,6 +159,10 @@ def model_table(size: int, channels: int = 16, cascades: int = 3) -> list:
                     cascade(stem="ldr", affine=affine, cascades=n, student_head=head), pair, timed,
                 ))  # fmt: skip
         rows.append((
+            f"light student: lite + {n} LDR at half resolution (ldr_half)",
+            cascade(stem="ldr_half", affine="lite", cascades=n), pair, timed,
+        ))  # fmt: skip
+        rows.append((
             f"released student: lite + {n} LDRReleased",
             cascade(stem="ldr_released", affine="lite", cascades=n), pair, False,
         ))  # fmt: skip

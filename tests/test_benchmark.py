@@ -86,12 +86,12 @@ def test_target_report_misses():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny run: 64^3, one cascade, teacher c=4 and the student, XLA sampler, float32 and bfloat16
-    convolutions (the bfloat16 models are built from cached counts), 2 timed calls."""
+    """One tiny run: 64^3, one cascade, teacher c=4 and the student, XLA sampler, float32, 2 timed calls (bfloat16
+    exports are checked in test_export; here they would double the run)."""
     tmp = tmp_path_factory.mktemp("bench")
     out, work = tmp / "bench.json", tmp / "work"
     proc = _cli("--sizes=64", "--cascades=1", "--teacher_channels=4", "--runs=2", "--warmup=0", "--xla=on",
-                "--bfloat16=off,on", f"--work_dir={work}", f"--out={out}")  # fmt: skip
+                "--bfloat16=off", f"--work_dir={work}", f"--out={out}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout, work
 
@@ -105,8 +105,7 @@ def test_end_to_end_fields(tiny_run):
     assert peak["gflop_per_s"]["float32"] == pytest.approx(max(
         peak["start"]["float32"]["gflop_per_s"], peak["end"]["float32"]["gflop_per_s"]))  # fmt: skip
     rows = {(r["model"], r["compute_dtype"]): r for r in payload["rows"]}
-    assert sorted(rows) == [("student", "bfloat16"), ("student", "float32"), ("teacher", "bfloat16"),
-                            ("teacher", "float32")]  # fmt: skip
+    assert sorted(rows) == [("student", "float32"), ("teacher", "float32")]
     for (_, dtype), r in rows.items():
         assert r["error"] is None, r["error"]
         assert r["size"] == [64, 64, 64] and r["cascades"] == 1 and r["xla_warp"] is True
@@ -125,15 +124,12 @@ def test_end_to_end_fields(tiny_run):
         meta = json.loads((Path(r["path"]) / "ldr_tf_export.json").read_text())
         assert meta["xla_warp"] is True and meta["parameters"] == r["params"]
         assert meta["network"]["compute_dtype"] == dtype
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32",):
         s, t = rows["student", dtype], rows["teacher", dtype]
         assert s["time_ratio_student_teacher"] == pytest.approx(s["median_s"] / t["median_s"])
         assert t["speedup_vs_teacher"] == pytest.approx(t["median_s"] / s["median_s"])
         # the paper's LDR student has more FLOPs than a c=4 VTN teacher at 64^3
         assert s["params"] > 0 and t["params"] > 0 and s["macs"] > t["macs"] > 0
-    for model in ("student", "teacher"):  # bfloat16 changes the arithmetic, not the counts
-        assert rows[model, "bfloat16"]["macs"] == rows[model, "float32"]["macs"]
-        assert rows[model, "bfloat16"]["params"] == rows[model, "float32"]["params"]
     assert "oneDNN" in stdout and "conv peak float32" in stdout
     assert "student" in stdout.split("size model")[-1] and "teacher" in stdout.split("size model")[-1]
 

@@ -191,6 +191,28 @@ def test_brain_recipe_without_label_maps_falls_back_to_whole_scans(student, scan
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_batch_stops_at_a_bad_pair_with_the_pairs_before_it_complete(student, scans, tmp_path, capsys):
+    # pairs are pipelined (the files of one pair are written while the next is registered): a failure must still
+    # leave every earlier pair complete and nothing of the failing one
+    bad = tmp_path / "garbage.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + bytes(100))
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("name,fixed,moving\n"
+                   f"a,{scans['fixed']},{scans['moving']}\n"
+                   f"b,{scans['moving']},{scans['fixed']}\n"
+                   f"c,{scans['fixed']},{bad}\n"
+                   f"d,{scans['fixed']},{scans['moving']}\n")
+    out = tmp_path / "batch"
+    args = ["predict", f"--model={student['export']}", f"--pairs={csv}", f"--out_dir={out}", "--preprocessing=none"]
+    assert predict.run(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ldr_tf.predict: error: pair c: ") and str(bad) in err
+    for name in ("a", "b"):
+        assert sorted(p.name for p in (out / name).iterdir()) == ["flow_vox.nii.gz", "result.json",
+                                                                  "warped.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]  # nothing of c, d never started, no temp folder
+
+
 @pytest.fixture(scope="module")
 def plain_module(tmp_path_factory):
     d = tmp_path_factory.mktemp("plain") / "sm"
