@@ -259,9 +259,9 @@ def _worker_main() -> int:
     loadavg = _loadavg()
     res = measure_export(FLAGS.model_dir, runs=FLAGS.runs, warmup=FLAGS.warmup, seed=FLAGS.seed)
     res.update({"import_s": import_s, "runtime": tf_runtime_info(), "loadavg": [loadavg, _loadavg()]})
-    from ldr_tf.config import save_json_atomic
+    from ldr_tf.atomic import write_json
 
-    save_json_atomic(res, FLAGS.worker_out)
+    write_json(res, FLAGS.worker_out)
     return 0
 
 
@@ -707,9 +707,9 @@ def run() -> dict:
         if own_tmp:
             shutil.rmtree(work_dir, ignore_errors=True)
         if FLAGS.out:
-            from ldr_tf.config import save_json_atomic
+            from ldr_tf.atomic import write_json
 
-            save_json_atomic(payload, FLAGS.out)
+            write_json(payload, FLAGS.out)
     return payload
 
 

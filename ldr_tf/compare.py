@@ -42,7 +42,7 @@ from absl import flags
 
 from flags import common_flags
 from ldr_tf import cli
-from ldr_tf.config import save_json_atomic
+from ldr_tf.atomic import write_json, write_text
 
 FLAGS = flags.FLAGS
 
@@ -330,14 +330,11 @@ def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int =
     t0 = time.perf_counter()
     res = compare(methods, desc, subset, max_pairs, paired=paired)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = table(res["summary"])
     header = (f"dataset {desc.path}, subset {subset}, {res['summary'][0]['pairs']} pairs, scored on the fixed "
               f"scan's native grid; {threads} threads; {time.perf_counter() - t0:.0f} s wall")
-    tmp = out.with_name(out.name + ".txt.tmp")
-    tmp.write_text(header + "\n\n" + text + "\n")
-    os.replace(tmp, Path(str(out) + ".txt"))
-    save_json_atomic({"dataset": str(desc.path), "subset": subset, "paired": paired, "threads": threads,
+    write_text(Path(str(out) + ".txt"), header + "\n\n" + text + "\n")
+    write_json({"dataset": str(desc.path), "subset": subset, "paired": paired, "threads": threads,
                       "methods": list(method_specs),
                       **res}, Path(str(out) + ".json"))
     from tools import figures

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ldr_tf.atomic import plain_mode, write_text
+
 __all__ = [
     "DATA_DIR_ENV",
     "DatasetError",
@@ -189,25 +191,16 @@ def load_descriptor(path: str | os.PathLike, check_files: bool = True) -> Descri
 
 
 def _atomic_target(path: Path) -> Path:
+    """A temporary file beside `path` with a plain file's mode (for writers that keep it open, like `H5Writer`)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    # mkstemp creates 0600; give the final file the mode a plain open() would (0666 minus the umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    plain_mode(tmp)
     return Path(tmp)
 
 
 def write_descriptor(desc: Descriptor) -> None:
     """Writes `desc` to ``desc.path`` atomically (temporary file, then rename)."""
-    desc.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(desc.path)
-    try:
-        tmp.write_text(json.dumps(desc.to_json(), indent=1) + "\n")
-        os.replace(tmp, desc.path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(desc.path, json.dumps(desc.to_json(), indent=1) + "\n")
 
 
 class H5Writer:

@@ -24,7 +24,8 @@ from absl import flags, logging
 
 from flags import common_flags
 from ldr_tf import __version__, cli
-from ldr_tf.config import TrainConfig, save_json_atomic
+from ldr_tf.atomic import write_json
+from ldr_tf.config import TrainConfig
 
 FLAGS = flags.FLAGS
 
@@ -211,7 +212,7 @@ def write_report(out_dir: Path, rows, figs, stages: Stages, settings: dict, trai
               "```", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
-    save_json_atomic({"settings": settings, "methods": rows, "figures": figs, "stages_seconds": stages.seconds,
+    write_json({"settings": settings, "methods": rows, "figures": figs, "stages_seconds": stages.seconds,
                       "training": train_summaries, "wall_seconds": stages.total}, out_dir / "report.json")
     return path
 

@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", b
     import h5py
     import tensorflow as tf
 
+    from ldr_tf.atomic import atomic_path
     from ldr_tf.progress import Progress
 
     from ldr_tf.pairs import make_pair_dataset, pairs_for
@@ -58,12 +58,9 @@ def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", b
     ds = make_pair_dataset(desc, subset, batch_size=1, augment=False, shuffle=False, repeat=False,
                            image_size=size).take(n).rebatch(batch)
     call = tf.function(fn) if info["kind"] == "checkpoint" else fn
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     bar = Progress(n, label="distill", unit="pair", enabled=progress)
     t0, done = time.perf_counter(), 0
-    try:
+    with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs.update({"teacher": str(teacher), "dataset": str(desc.path), "subset": subset,
                              "image_size": list(size), "dtype": "float16", "units": "voxels of the grid"})
@@ -75,10 +72,6 @@ def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", b
                                       chunks=(min(16, size[0]),) + tuple(size[1:]) + (3,))
                 done += flows.shape[0]
                 bar.update(done)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     nbytes = out.stat().st_size
     return {"pairs": done, "bytes": nbytes, "bytes_per_pair": nbytes / max(done, 1),
             "seconds": time.perf_counter() - t0, "image_size": list(size)}

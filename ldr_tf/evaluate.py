@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from absl import flags
 
 from flags import common_flags
 from ldr_tf import cli, metrics
-from ldr_tf.config import save_json_atomic
+from ldr_tf.atomic import atomic_path, write_json
 
 FLAGS = flags.FLAGS
 COLUMNS = ("dice", "jaccard", "lm_dist_vox", "lm_dist_mm", "jac_std", "folding_pct", "seconds")
@@ -176,25 +175,15 @@ def write_report(registrar, desc, out: str | os.PathLike, subset: str = "2", pai
     Returns the JSON dict.
     """
     txt, js = output_paths(out)
-    txt.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{txt.name}.", suffix=".tmp", dir=txt.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("# fixed moving " + " ".join(COLUMNS) + "\n")
-            res = evaluate(registrar, desc, subset, paired, max_pairs, image_size=image_size, progress=progress,
-                           line_sink=lambda line: (f.write(line + "\n"), f.flush()))
-            f.write("\n".join(summary_lines(res["summary"])) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, txt)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(txt) as tmp, open(tmp, "w") as f:
+        f.write("# fixed moving " + " ".join(COLUMNS) + "\n")
+        res = evaluate(registrar, desc, subset, paired, max_pairs, image_size=image_size, progress=progress,
+                       line_sink=lambda line: (f.write(line + "\n"), f.flush()))
+        f.write("\n".join(summary_lines(res["summary"])) + "\n")
     report = {"method": name or (Path(str(model)).name + ("-affine" if stage == "affine" else "")),
               "model": str(model), "stage": stage, "dataset": str(desc.path), "subset": subset,
               "parameters": registrar.parameters, "columns": list(COLUMNS), **res}
-    save_json_atomic(report, js)
+    write_json(report, js)
     return report
 
 

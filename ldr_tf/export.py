@@ -38,7 +38,7 @@ from absl import flags, logging
 
 from flags import common_flags
 from ldr_tf import __version__, cli
-from ldr_tf.config import save_json_atomic
+from ldr_tf.atomic import write_json
 
 FLAGS = flags.FLAGS
 METADATA = "ldr_tf_export.json"
@@ -154,7 +154,7 @@ def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool 
                 "serving_default": "same as register",
             },
         }
-        save_json_atomic(meta, tmp / METADATA)
+        write_json(meta, tmp / METADATA)
         _make_readable(tmp)
         _install_dir(tmp, out, overwrite)
     finally:

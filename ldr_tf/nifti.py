@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from ldr_tf.atomic import atomic_path
 from ldr_tf.dataset import DatasetError
 
 __all__ = ["NiftiError", "load", "check_same_grid", "save", "axcodes", "NIFTI_SUFFIXES"]
@@ -220,22 +220,12 @@ def save(array, affine, path, dtype=None, intent: str | None = None) -> Path:
     affine = np.asarray(affine, np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine: expected a 4x4 matrix, got shape {affine.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; use the mode a plain open() would
-        img = nib.Nifti1Image(array, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        if intent:
-            img.header.set_intent(intent)
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"  # nibabel compresses by the name
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    if intent:
+        img.header.set_intent(intent)
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -342,7 +342,7 @@ class Predictor:
         return finish
 
     def _finish(self, result, times, session, futures, pool, stage, out_dir, existed, overwrite) -> dict:
-        from ldr_tf.config import save_json_atomic
+        from ldr_tf.atomic import write_json
 
         try:
             t = time.perf_counter()
@@ -352,10 +352,7 @@ class Predictor:
             times["write"] = time.perf_counter() - t  # what the writes took beyond what they overlapped
             result["seconds"] = {**times, **session}
             result["outputs"] = written
-            save_json_atomic(result, stage / "result.json")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(stage / "result.json", 0o666 & ~umask)
+            write_json(result, stage / "result.json")
             self.check_outputs(out_dir, overwrite)  # nothing appeared meanwhile
             for name in written:
                 os.replace(stage / name, out_dir / name)
@@ -570,9 +567,9 @@ def _main(fv) -> int:
         predictor.warmup()
     results = run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, first=first)
     if fv.pairs:
-        from ldr_tf.config import save_json_atomic
+        from ldr_tf.atomic import write_json
 
-        save_json_atomic({"model": info, "pairs": results}, out_dir / "results.json")
+        write_json({"model": info, "pairs": results}, out_dir / "results.json")
     print(f"wrote {out_dir}", flush=True)
     return 0
 

@@ -20,7 +20,8 @@ from absl import flags, logging
 
 from flags import common_flags, train_flags
 from ldr_tf import __version__, cli
-from ldr_tf.config import TrainConfig, load_run_config, save_json_atomic
+from ldr_tf.atomic import write_json
+from ldr_tf.config import TrainConfig, load_run_config
 
 FLAGS = flags.FLAGS
 # Flags that may change when a run is resumed; any other flag given with --resume must match the saved run.
@@ -141,7 +142,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     params = int(sum(int(v.numpy().size) for v in trainer.model.trainable_variables))
     if trainer.chief:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_json_atomic({
+        write_json({
             "version": __version__,
             "train": cfg.to_dict(),
             "network": net_cfg,
@@ -164,7 +165,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
                "steps_per_s": done / seconds if seconds > 0 and done > 0 else None, "parameters": params,
                "last": history.get("train", {}), "validation": history["val"]}
     if trainer.chief:
-        save_json_atomic(summary, out_dir / "summary.json")
+        write_json(summary, out_dir / "summary.json")
         last_val = history["val"][-1] if history["val"] else None
         msg = f"{what}: {done} steps in {seconds:.0f} s ({summary['steps_per_s'] or 0:.2f} steps/s)"
         if last_val:

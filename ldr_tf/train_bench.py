@@ -108,9 +108,9 @@ def bench(size: int, kinds, work: Path) -> list:
                **time_steps(trainer, FLAGS.warmup, FLAGS.steps)}
         if kind == "teacher":
             out.mkdir(parents=True, exist_ok=True)
-            from ldr_tf.config import save_json_atomic
+            from ldr_tf.atomic import write_json
 
-            save_json_atomic({"train": cfg.to_dict(), "network": network_config(cfg, (size,) * 3)},
+            write_json({"train": cfg.to_dict(), "network": network_config(cfg, (size,) * 3)},
                              out / "config.json")
             trainer.save()
         rows.append(row)

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from ldr_tf import export, runs, warp
-from ldr_tf.config import save_json_atomic
+from ldr_tf.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -44,7 +44,7 @@ def make_run(run_dir, network: dict, model: str = "student", seed: int = 0, scal
     rng = np.random.default_rng(seed)
     for v in net.weights:
         v.assign(rng.normal(0.0, scale, v.shape).astype(np.float32))
-    save_json_atomic({"train": {"model": model, "aldk": False}, "network": network,
+    write_json({"train": {"model": model, "aldk": False}, "network": network,
                       "preprocessing": preprocessing if preprocessing is not None else SYNTHETIC_PREPROCESSING,
                       "dataset": dataset or {"path": "none"}}, run_dir / "config.json")
     tf.train.Checkpoint(model=net).save(str(run_dir / runs.CHECKPOINT_DIR / "ckpt"))

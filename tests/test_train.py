@@ -53,9 +53,9 @@ def teacher_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("teacher")
     cfg = _cfg(out, data_dir, steps=1)
     t = _trainer(cfg, data_dir)
-    from ldr_tf.config import save_json_atomic
+    from ldr_tf.atomic import write_json
 
-    save_json_atomic({"train": cfg.to_dict(), "network": t.network_config}, out / "config.json")
+    write_json({"train": cfg.to_dict(), "network": t.network_config}, out / "config.json")
     t.fit(progress=False)
     return out
 

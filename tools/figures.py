@@ -6,11 +6,11 @@ rows, writing PNGs atomically (matplotlib, Agg backend).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ldr_tf.atomic import atomic_path
 
 __all__ = ["slice_comparison", "dice_vs_speed", "save_figure"]
 
@@ -27,16 +27,10 @@ def _plt():
 def save_figure(fig, path, dpi: int = 110) -> Path:
     """Saves a matplotlib figure as PNG through a temporary file, then closes it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         _plt().close(fig)
     return path
 

@@ -259,9 +259,9 @@ def _main(fv) -> int:
     finally:
         remote.close()
     if fv.pairs:
-        from ldr_tf.config import save_json_atomic
+        from ldr_tf.atomic import write_json
 
-        save_json_atomic({"model": info, "pairs": results}, out_dir / "results.json")
+        write_json({"model": info, "pairs": results}, out_dir / "results.json")
     print(f"wrote {out_dir}", flush=True)
     return 0
 
