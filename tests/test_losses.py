@@ -26,7 +26,10 @@ def test_correlation_matches_numpy_and_reductions(rng):
 
 def test_correlation_epsilon_on_constant_image():
     a = np.ones((1, 4, 4, 4, 1), np.float32)
-    assert np.isfinite(L.correlation_loss(a, a).numpy())  # variances 0: eps keeps it finite (= 1)
+    # variances 0: the epsilons keep the ratio finite; the covariance is 0, so r = 0 and the loss is exactly 1
+    np.testing.assert_allclose(L.correlation_loss(a, a).numpy(), 1.0, atol=1e-6)
+    ramp = np.arange(64, dtype=np.float32).reshape(1, 4, 4, 4, 1)
+    np.testing.assert_allclose(L.correlation_loss(a, ramp).numpy(), 1.0, atol=1e-6)
 
 
 def test_smoothness_of_a_linear_ramp():
