@@ -75,10 +75,16 @@ def define_train_flags() -> None:
     flags.DEFINE_float("critic_lr", None, "Critic learning rate (default: --lr).")
     flags.DEFINE_enum("critic_output", "linear", ["sigmoid", "linear"],
                       "Critic output activation: linear as in WGAN-GP (default), sigmoid as in the paper.")
-    flags.DEFINE_enum("dis_loss", "abs", ["abs", "square", "feature"],
+    flags.DEFINE_enum("gp_point", "fixed", ["fixed", "random"],
+                      "Where the gradient penalty is taken: fixed = the paper's phi_hat = beta phi_t + (1 - beta) "
+                      "phi_s; random = a uniformly random point of that segment per sample (WGAN-GP).")
+    flags.DEFINE_integer("critic_warmup", 0, "Critic-only steps before the student's first step (the student is "
+                         "not touched by them).")
+    flags.DEFINE_float("critic_beta1", 0.9, "Adam beta_1 of the critic (0.5 is common for GAN critics).")
+    flags.DEFINE_enum("dis_loss", "abs", ["abs", "square", "feature", "wgan"],
                       "Student's discrimination loss: abs = |D(phi_s) - D(phi_t)| (WGAN generator gradient), "
                       "square = the paper's (D(phi_s) - D(phi_t))^2, feature = squared difference of the critic's "
-                      "last feature maps.")
+                      "last feature maps, wgan = D(phi_t) - D(phi_s) (the WGAN generator loss).")
     flags.DEFINE_enum("critic_condition", "images", ["images", "none"],
                       "images: the critic sees the deformation with the pair it registers; none: the deformation only.")
     flags.DEFINE_enum("gp_norm", "rms", ["rms", "l2"],

@@ -45,11 +45,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 __all__ = ["critic_input", "gradient_penalty", "critic_losses", "discrimination_loss", "joint_deformation",
-           "DIS_LOSSES", "GP_NORMS"]
+           "DIS_LOSSES", "GP_NORMS", "GP_POINTS"]
 
 _NORM_EPS = 1e-12  # keeps the gradient of sqrt finite at a zero gradient
-DIS_LOSSES = ("abs", "square", "feature")
+DIS_LOSSES = ("abs", "square", "feature", "wgan")
 GP_NORMS = ("rms", "l2")
+GP_POINTS = ("fixed", "random")
 
 
 def critic_input(flow, condition=None) -> tf.Tensor:
@@ -57,9 +58,22 @@ def critic_input(flow, condition=None) -> tf.Tensor:
     return flow if condition is None else tf.concat([flow, tf.cast(condition, flow.dtype)], axis=-1)
 
 
-def joint_deformation(phi_s, phi_t, beta: float) -> tf.Tensor:
-    """``phi_hat = beta * phi_t + (1 - beta) * phi_s``."""
-    return beta * phi_t + (1.0 - beta) * phi_s
+def joint_deformation(phi_s, phi_t, beta: float, point: str = "fixed", seed=None) -> tf.Tensor:
+    """Where the penalty is taken: ``phi_hat = e * phi_t + (1 - e) * phi_s``.
+
+    ``point="fixed"``: ``e = beta`` for every sample (the paper's joint deformation). ``"random"``: ``e ~ U(0, 1)``
+    drawn per sample with the stateless `seed` (shape ``[2]``), the WGAN-GP recipe, which constrains the critic
+    along the whole segment between student and teacher instead of at one point near the student.
+    """
+    if point not in GP_POINTS:
+        raise ValueError(f"point: expected one of {GP_POINTS}, got {point!r}")
+    if point == "fixed":
+        return beta * phi_t + (1.0 - beta) * phi_s
+    if seed is None:
+        raise ValueError("joint_deformation: point='random' needs a seed")
+    e = tf.random.stateless_uniform(tf.shape(phi_s)[:1], seed=seed, dtype=phi_s.dtype)
+    e = tf.reshape(e, [-1, 1, 1, 1, 1])
+    return e * phi_t + (1.0 - e) * phi_s
 
 
 def gradient_penalty(critic, phi_hat, condition=None, norm: str = "rms", training: bool = True) -> tf.Tensor:
@@ -79,25 +93,28 @@ def gradient_penalty(critic, phi_hat, condition=None, norm: str = "rms", trainin
     return tf.square(length - 1.0)
 
 
-def critic_losses(critic, phi_s, phi_t, beta: float, lambda_gp: float, condition=None, gp_norm: str = "rms") -> dict:
+def critic_losses(critic, phi_s, phi_t, beta: float, lambda_gp: float, condition=None, gp_norm: str = "rms",
+                  gp_point: str = "fixed", seed=None) -> dict:
     """The critic step's terms, per sample: ``{"loss", "d_student", "d_teacher", "gp"}``.
 
-    `phi_s`, `phi_t` and `condition` are treated as constants (gradients reach only the critic).
+    `phi_s`, `phi_t` and `condition` are treated as constants (gradients reach only the critic). The penalty is
+    taken at `joint_deformation` (`gp_point`, `beta`, `seed`).
     """
     phi_s = tf.stop_gradient(phi_s)
     phi_t = tf.stop_gradient(phi_t)
     condition = None if condition is None else tf.stop_gradient(condition)
     d_s = critic(critic_input(phi_s, condition), training=True)
     d_t = critic(critic_input(phi_t, condition), training=True)
-    gp = gradient_penalty(critic, joint_deformation(phi_s, phi_t, beta), condition, gp_norm)
+    gp = gradient_penalty(critic, joint_deformation(phi_s, phi_t, beta, gp_point, seed), condition, gp_norm)
     return {"loss": d_s - d_t + lambda_gp * gp, "d_student": d_s, "d_teacher": d_t, "gp": gp}
 
 
 def discrimination_loss(critic, phi_s, phi_t, mode: str = "abs", condition=None) -> tf.Tensor:
     """The student's ``l_dis`` per sample (``[B]``); gradients reach phi_s (and so the student), not phi_t.
 
-    ``mode``: ``"abs"`` ``|D(phi_s) - D(phi_t)|``, ``"square"`` ``(D(phi_s) - D(phi_t))^2`` or ``"feature"``
-    (mean squared difference of the critic's last feature maps, ``critic.features``).
+    ``mode``: ``"abs"`` ``|D(phi_s) - D(phi_t)|``, ``"square"`` ``(D(phi_s) - D(phi_t))^2``, ``"feature"``
+    (mean squared difference of the critic's last feature maps, ``critic.features``) or ``"wgan"``
+    (``D(phi_t) - D(phi_s)``: the WGAN generator loss, whatever the sign of the gap).
     """
     phi_t = tf.stop_gradient(phi_t)
     condition = None if condition is None else tf.stop_gradient(condition)
@@ -110,4 +127,6 @@ def discrimination_loss(critic, phi_s, phi_t, mode: str = "abs", condition=None)
         return tf.abs(gap)
     if mode == "square":
         return tf.square(gap)
+    if mode == "wgan":
+        return -gap
     raise ValueError(f"mode: expected one of {DIS_LOSSES}, got {mode!r}")

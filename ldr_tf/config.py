@@ -49,6 +49,9 @@ class TrainConfig:
     dis_loss: str = "abs"
     critic_condition: str = "images"
     gp_norm: str = "rms"
+    gp_point: str = "fixed"
+    critic_warmup: int = 0
+    critic_beta1: float = 0.9
     out_dir: str = ""
     checkpoint_every: int = 1000
     val_every: int = 1000
@@ -81,6 +84,9 @@ class TrainConfig:
             raise ValueError(f"--gamma must lie in [0, 1], got {self.gamma}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"--beta must lie in [0, 1], got {self.beta}")
+        if self.critic_warmup < 0 or not 0.0 <= self.critic_beta1 < 1.0:
+            raise ValueError(f"--critic_warmup must be >= 0 and --critic_beta1 in [0, 1), got {self.critic_warmup}, "
+                             f"{self.critic_beta1}")
         if self.critic_steps < 1 or self.critic_every < 1:
             raise ValueError("--critic_steps and --critic_every must be >= 1")
         if self.uses_critic and not (self.teacher or self.teacher_cache):

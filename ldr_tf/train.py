@@ -42,7 +42,8 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
         affine_weight=fv.affine_weight, seg_weight=fv.seg_weight, seg_labels=fv.seg_labels, augment=fv.augment, teacher=fv.teacher, teacher_cache=fv.teacher_cache,
         aldk=fv.aldk, gamma=fv.gamma, lambda_gp=fv.lambda_gp, beta=fv.beta, critic_steps=fv.critic_steps,
         critic_every=fv.critic_every, critic_lr=fv.critic_lr, critic_output=fv.critic_output, dis_loss=fv.dis_loss,
-        critic_condition=fv.critic_condition, gp_norm=fv.gp_norm,
+        critic_condition=fv.critic_condition, gp_norm=fv.gp_norm, gp_point=fv.gp_point,
+        critic_warmup=fv.critic_warmup, critic_beta1=fv.critic_beta1,
         out_dir=fv.out_dir or "", checkpoint_every=fv.checkpoint_every, val_every=fv.val_every,
         val_pairs=fv.val_pairs, log_every=fv.log_every, strategy=fv.strategy, seed=fv.seed,
     )

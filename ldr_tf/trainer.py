@@ -127,7 +127,7 @@ class Trainer:
                 self.critic = Critic(output_activation=cfg.critic_output)
                 channels = 3 + (2 if cfg.critic_condition == "images" else 0)  # flow (+ fixed, moving)
                 self.critic(tf.zeros([1, *self.image_size, channels]))
-                self.critic_optimizer = keras.optimizers.Adam(cfg.critic_lr or cfg.lr)
+                self.critic_optimizer = keras.optimizers.Adam(cfg.critic_lr or cfg.lr, beta_1=cfg.critic_beta1)
                 self.critic_optimizer.build(self.critic.trainable_variables)
                 objects.update(critic=self.critic, critic_optimizer=self.critic_optimizer)
             if cfg.uses_teacher and not cfg.teacher_cache:
@@ -233,21 +233,43 @@ class Trainer:
         if phi_t is not None:
             logs["flow_gap"] = tf.reduce_sum(tf.sqrt(tf.reduce_mean(tf.square(out["agg_flow"] - phi_t), [1, 2, 3, 4])))
         if train_critic:
-            phi_s = tf.stop_gradient(out["agg_flow"])
-            cvars = self.critic.trainable_variables
-            for _ in range(cfg.critic_steps):
-                with tf.GradientTape() as ctape:
-                    terms = aldk.critic_losses(self.critic, phi_s, phi_t, cfg.beta, cfg.lambda_gp, condition,
-                                               cfg.gp_norm)
-                    closs = tf.reduce_sum(terms["loss"])
-                cgrads = ctape.gradient(closs, cvars)
-                self.critic_optimizer.apply_gradients(zip(cgrads, cvars))
-            logs.update(
-                critic=closs,
-                d_student=tf.reduce_sum(terms["d_student"]),
-                d_teacher=tf.reduce_sum(terms["d_teacher"]),
-                gp=tf.reduce_sum(terms["gp"]),
-            )
+            logs.update(self._critic_updates(out["agg_flow"], phi_t, condition, cfg.critic_steps))
+        return logs
+
+    def _critic_updates(self, phi_s, phi_t, condition, steps: int) -> dict:
+        """`steps` critic updates on one batch's flows (constants for the critic); returns the last terms."""
+        cfg = self.cfg
+        phi_s = tf.stop_gradient(phi_s)
+        cvars = self.critic.trainable_variables
+        for k in range(steps):
+            seed = tf.stack([tf.constant(cfg.seed, tf.int64) + 7919 * (k + 1), self.step])
+            with tf.GradientTape() as ctape:
+                terms = aldk.critic_losses(self.critic, phi_s, phi_t, cfg.beta, cfg.lambda_gp, condition,
+                                           cfg.gp_norm, cfg.gp_point, seed)
+                closs = tf.reduce_sum(terms["loss"])
+            cgrads = ctape.gradient(closs, cvars)
+            self.critic_optimizer.apply_gradients(zip(cgrads, cvars))
+        return {"critic": closs, "d_student": tf.reduce_sum(terms["d_student"]),
+                "d_teacher": tf.reduce_sum(terms["d_teacher"]), "gp": tf.reduce_sum(terms["gp"])}
+
+    def _critic_only_step(self, batch):
+        """One critic update on a batch with the student's current flows; the student is not touched."""
+        fixed, moving = batch["fixed"], batch["moving"]
+        pair = tf.concat([fixed, moving], axis=-1)
+        phi_t = self._teacher_flow(batch, pair)
+        phi_s = self.model(pair, training=False)["agg_flow"]
+        condition = pair if self.cfg.critic_condition == "images" else None
+        return self._critic_updates(phi_s, phi_t, condition, 1)
+
+    def warm_up_critic(self, steps: int, iterator) -> dict:
+        """`steps` critic-only updates (``--critic_warmup``) before the student's first step; returns the last
+        terms (per pair)."""
+        fn = tf.function(self._critic_only_step)
+        logs = {}
+        for _ in range(steps):
+            raw = self.strategy.run(fn, args=(next(iterator),))
+            logs = {k: float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)) / self.cfg.batch
+                    for k, v in raw.items()}
         return logs
 
     def _distributed_step(self, batch, train_critic: bool):
@@ -319,6 +341,10 @@ class Trainer:
             logging.info("nothing to do: the run is at step %d of %d", start, cfg.steps)
             return history
         iterator = iter(self._train_dataset(start))
+        if start == 0 and cfg.uses_critic and cfg.critic_warmup:
+            warm = self.warm_up_critic(cfg.critic_warmup, iter(self._train_dataset(0)))
+            logging.info("critic warm-up: %d steps, critic loss %.4g (student untouched)", cfg.critic_warmup,
+                         warm.get("critic", float("nan")))
         bar = Progress(cfg.steps, label=f"train {cfg.model}", enabled=progress and self.chief, interval=30)
         bar.update(start)
         t_last, n_last = time.perf_counter(), start

@@ -262,3 +262,19 @@ def test_map_to_augmented_registers_the_augmented_pair():
     err_mapped = np.abs(warp.warp(moving_aug, psi).numpy() - target.numpy())[inner].max()
     err_unmapped = np.abs(warp.warp(moving_aug, tf.constant(phi)).numpy() - target.numpy())[inner].max()
     assert err_mapped < 0.02 and err_mapped < 0.2 * err_unmapped, (err_mapped, err_unmapped)
+
+
+def test_critic_warmup_updates_the_critic_only(tmp_path, data_dir, teacher_run):
+    cfg = _cfg(tmp_path / "w", data_dir, aldk=True, teacher=str(teacher_run), critic_warmup=2, gp_point="random",
+               critic_beta1=0.5)
+    t = _trainer(cfg, data_dir)
+    assert float(t.critic_optimizer.beta_1) == 0.5
+    student0, critic0 = _weights(t.model), _weights(t.critic)
+    logs = t.warm_up_critic(cfg.critic_warmup, iter(t._train_dataset(0)))
+    assert {"critic", "gp", "d_student", "d_teacher"} <= set(logs) and all(np.isfinite(v) for v in logs.values())
+    for a, b in zip(student0, t.model.trainable_variables):
+        np.testing.assert_array_equal(a, b.numpy())  # the student is not touched
+    assert int(t.step.numpy()) == 0
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(critic0, t.critic.trainable_variables))
+    t.fit(progress=False)  # warm-up inside fit, then the two steps of the run
+    assert int(t.step.numpy()) == cfg.steps == 2
