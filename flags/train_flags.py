@@ -52,6 +52,8 @@ def define_train_flags() -> None:
                        "and the warped moving label maps of the training pairs (VoxelMorph's semi-supervised mode); "
                        "0 = unsupervised. Inference stays image-only.")
     flags.DEFINE_integer("seg_labels", 16, "Labels drawn (new ones every step) for the --seg_weight Dice term.")
+    flags.DEFINE_bool("seg_half", False, "Score the --seg_weight Dice term at half resolution (8x less memory; "
+                      "needed at 128^3 on a 24 GB machine).")
     flags.DEFINE_enum(
         "lr_schedule", "step", ["step", "constant", "cosine"],
         "step: RCN's schedule, 1e-4 for the first 3/5 of training then halved every 1/5; constant; cosine decay to 0.",

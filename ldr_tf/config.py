@@ -35,6 +35,7 @@ class TrainConfig:
     affine_weight: float = 0.1
     seg_weight: float = 0.0
     seg_labels: int = 16
+    seg_half: bool = False
     augment: bool = True
     teacher: str | None = None
     teacher_cache: str | None = None

@@ -209,7 +209,7 @@ class Trainer:
             if cfg.seg_weight > 0:
                 seed = tf.stack([tf.constant(cfg.seed, tf.int64), self.step])
                 seg = losses.sampled_dice_loss(batch["fixed_seg"], batch["moving_seg"], out["agg_flow"],
-                                               self.label_values, cfg.seg_labels, seed, "none")
+                                               self.label_values, cfg.seg_labels, seed, "none", cfg.seg_half)
                 regs = regs + cfg.seg_weight * seg
             per_sample = student_loss(rec, regs, cfg, dis=None)
             if cfg.uses_critic:

@@ -82,3 +82,28 @@ def test_sampled_dice_loss_values_gradient_and_seed():
     a = L.sampled_dice_loss(seg, other, flow, values, 1, [3, 4]).numpy()
     b = L.sampled_dice_loss(seg, other, flow, values, 1, [3, 4]).numpy()
     assert a == b
+
+
+def test_sampled_dice_loss_at_half_resolution():
+    import tensorflow as tf
+
+    seg = np.zeros((1, 8, 8, 8), np.int32)
+    seg[:, 2:6, 2:6, 2:6] = 3
+    seg[:, 0:2, :, :] = 7
+    other = np.where(seg == 3, 7, np.where(seg == 7, 3, 0)).astype(np.int32)
+    values = tf.constant([3, 7], tf.int32)
+    zero = tf.zeros([1, 8, 8, 8, 3])
+    np.testing.assert_allclose(L.sampled_dice_loss(seg, seg, zero, values, 2, [1, 2], half=True).numpy(), 0.0,
+                               atol=1e-5)
+    np.testing.assert_allclose(L.sampled_dice_loss(seg, other, zero, values, 2, [1, 2], half=True).numpy(), 1.0,
+                               atol=1e-4)
+    # a flow of 2 voxels is 1 voxel of the half grid: a block moved by 2 voxels is registered exactly either way
+    fixed = np.zeros((1, 8, 8, 8), np.int32)
+    fixed[:, 2:4, 2:6, 2:6] = 3
+    moving = np.roll(fixed, 2, axis=1)
+    shift = np.zeros((1, 8, 8, 8, 3), np.float32)
+    shift[..., 0] = 2.0
+    for h in (False, True):
+        np.testing.assert_allclose(L.sampled_dice_loss(fixed, moving, shift, values[:1], 1, [1, 2], half=h).numpy(),
+                                   0.0, atol=1e-4)
+        assert L.sampled_dice_loss(fixed, moving, zero, values[:1], 1, [1, 2], half=h).numpy() > 0.9

@@ -106,7 +106,7 @@ def main(argv):
         raise cli.UsageError(f"{dataset} not found: run the import stage first")
     common = dict(dataset=str(dataset), image_size=FLAGS.grid, batch=FLAGS.batch, lr=FLAGS.lr, lr_schedule="step",
                   val_every=500, val_pairs=10, checkpoint_every=250, log_every=50, seed=FLAGS.seed,
-                  seg_weight=FLAGS.seg_weight)
+                  seg_weight=FLAGS.seg_weight, seg_half=FLAGS.grid >= 128)
     teacher = TrainConfig(model="teacher", affine="vtn", cascades=FLAGS.teacher_cascades, channels=FLAGS.channels,
                           steps=FLAGS.teacher_steps, out_dir=str(runs / "teacher"), **common)
     student = dict(model="student", affine="lite", cascades=FLAGS.student_cascades, steps=FLAGS.student_steps,
