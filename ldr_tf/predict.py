@@ -172,10 +172,43 @@ def sample_native(data, coords, labels: bool = False):
 # ------------------------------------------------------------------------------------------- one pair
 
 
-def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg: str | None = None) -> dict:
+def prepare_pair(spec, loaded: dict, compile_samplers: bool = False) -> dict:
+    """Both scans of a loaded pair on the network grid (`ldr_tf.preprocess.apply`), as `Predictor.start` needs them.
+
+    Recipes that crop or mask to labels use the label boxes only when both label maps are there; otherwise both
+    scans are taken whole and ``note`` says so. ``compile_samplers``: also compile the pull-back sampler for this
+    pair's shapes (one slab on a zero flow), so that a background thread pays the compilation while the model
+    loads. Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom", "moving_geom", "seconds"}``.
+    """
+    from ldr_tf import preprocess
+
+    t = time.perf_counter()
+    f_img, m_img, m_lab, f_lab = (loaded[k] for k in ("fixed", "moving", "moving_seg", "fixed_seg"))
+    used, note = spec, None
+    if spec.needs_labels and (f_lab is None or m_lab is None):
+        missing = ", ".join(n for n, v in (("--fixed_seg", f_lab), ("--moving_seg", m_lab)) if v is None)
+        note = (f"the preprocessing crops/masks to labels, which needs both label maps (missing {missing}): "
+                "both scans were taken whole (crop none, no mask)")
+        used = _uncropped(spec)
+    crop_f = f_lab if used.needs_labels else None
+    crop_m = m_lab if used.needs_labels else None
+    f_vol, _, _, f_geom = preprocess.apply(used, f_img, crop_f, want_labels=False)
+    m_vol, _, _, m_geom = preprocess.apply(used, m_img, crop_m, want_labels=False)
+    out = {"spec": spec, "spec_used": used, "note": note, "fixed": f_vol, "moving": m_vol, "fixed_geom": f_geom,
+           "moving_geom": m_geom, "seconds": time.perf_counter() - t}
+    if compile_samplers:
+        from ldr_tf.sampling import compile_pull_back
+
+        compile_pull_back(f_geom, m_geom, image=True, labels=m_lab is not None)
+    return out
+
+
+def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg: str | None = None,
+              spec=None, compile_samplers: bool = False) -> dict:
     """The pair's scans and label maps, checked (`ldr_tf.nifti.load`), with the seconds it took.
 
-    Returns ``{"fixed", "moving", "moving_seg", "fixed_seg", "seconds"}`` (absent label maps are None).
+    Returns ``{"fixed", "moving", "moving_seg", "fixed_seg", "seconds"}`` (absent label maps are None), and with a
+    `spec` also ``"prepared"``: the pair on the grid (`prepare_pair`), so that a reader thread does that work too.
     """
     from ldr_tf import nifti
 
@@ -184,8 +217,11 @@ def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg:
     m_img = nifti.load(moving, "image")
     m_lab = nifti.load(moving_seg, "labels", like=m_img) if moving_seg else None
     f_lab = nifti.load(fixed_seg, "labels", like=f_img) if fixed_seg else None
-    return {"fixed": f_img, "moving": m_img, "moving_seg": m_lab, "fixed_seg": f_lab,
-            "seconds": time.perf_counter() - t}
+    out = {"fixed": f_img, "moving": m_img, "moving_seg": m_lab, "fixed_seg": f_lab,
+           "seconds": time.perf_counter() - t}
+    if spec is not None:
+        out["prepared"] = prepare_pair(spec, out, compile_samplers)
+    return out
 
 
 def _remove_if_created(path: Path, existed: bool) -> None:
@@ -265,19 +301,12 @@ class Predictor:
             loaded = load_pair(fixed, moving, moving_seg, fixed_seg)
         f_img, m_img, m_lab, f_lab = (loaded[k] for k in ("fixed", "moving", "moving_seg", "fixed_seg"))
         times = {"load": loaded["seconds"]}
-
-        t = time.perf_counter()
-        spec, note = self.spec, None
-        if spec.needs_labels and (f_lab is None or m_lab is None):
-            missing = ", ".join(n for n, v in (("--fixed_seg", f_lab), ("--moving_seg", m_lab)) if v is None)
-            note = (f"the preprocessing crops/masks to labels, which needs both label maps (missing {missing}): "
-                    "both scans were taken whole (crop none, no mask)")
-            spec = _uncropped(spec)
-        crop_f = f_lab if spec.needs_labels else None
-        crop_m = m_lab if spec.needs_labels else None
-        f_vol, _, _, f_geom = preprocess.apply(spec, f_img, crop_f, want_labels=False)
-        m_vol, _, _, m_geom = preprocess.apply(spec, m_img, crop_m, want_labels=False)
-        times["preprocess"] = time.perf_counter() - t
+        prepared = loaded.get("prepared")
+        if prepared is None or prepared["spec"] != self.spec:
+            prepared = prepare_pair(self.spec, loaded)
+        spec, note = prepared["spec_used"], prepared["note"]
+        f_vol, m_vol, f_geom, m_geom = (prepared[k] for k in ("fixed", "moving", "fixed_geom", "moving_geom"))
+        times["preprocess"] = prepared["seconds"]
 
         t = time.perf_counter()
         res = self.registrar(f_vol[None, ..., None].astype(np.float32) / 255.0,
@@ -474,8 +503,8 @@ def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, wri
     results = []
     reader = ThreadPoolExecutor(max_workers=1)
 
-    def read(p):
-        return reader.submit(load_pair, p["fixed"], p["moving"], p["moving_seg"], p["fixed_seg"])
+    def read(p):  # the next pair is read and put on the grid while the current one runs
+        return reader.submit(load_pair, p["fixed"], p["moving"], p["moving_seg"], p["fixed_seg"], predictor.spec)
 
     def report(i, p, r):
         results.append({"name": p["name"], **r})
@@ -549,11 +578,18 @@ def _main(fv) -> int:
     from ldr_tf.registrar import inference_only, open_registrar
 
     inference_only()
-    # The first pair's files are read while the model loads.
-    reader = ThreadPoolExecutor(max_workers=1)
-    p0 = pairs[0]
-    first = reader.submit(load_pair, p0["fixed"], p0["moving"], p0["moving_seg"], p0["fixed_seg"])
-    reader.shutdown(wait=False)
+    # The first pair is read, put on the grid and the samplers compiled for its shapes while the model loads (the
+    # export's metadata says the grid and the preprocessing without loading TensorFlow's graph).
+    from ldr_tf.export import load_metadata
+
+    metadata = load_metadata(model) if (model / "ldr_tf_export.json").is_file() else {}
+    first = None
+    if metadata.get("image_size"):
+        spec = resolve_preprocessing(fv.preprocessing, metadata, metadata["image_size"], fv.no_crop)
+        reader = ThreadPoolExecutor(max_workers=1)
+        p0 = pairs[0]
+        first = reader.submit(load_pair, p0["fixed"], p0["moving"], p0["moving_seg"], p0["fixed_seg"], spec, True)
+        reader.shutdown(wait=False)
     t = time.perf_counter()
     registrar = open_registrar(model)
     load_s = time.perf_counter() - t

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from ldr_tf import warp
 
-__all__ = ["sample_affine", "pull_back", "sample_points", "CHUNK_VOXELS"]
+__all__ = ["sample_affine", "pull_back", "compile_pull_back", "sample_points", "CHUNK_VOXELS"]
 
 CHUNK_VOXELS = 1 << 22  # voxels per slab (4M): ~50 MB per float32 [slab, 3] coordinate tensor
 _MODES = ("linear", "labels", "nearest")
@@ -128,6 +128,20 @@ def _pull_slab(flow, to_grid, moving_to_source, fixed_affine, moving_affine, sta
         inside = _inside(q, tf.shape(labels))
         out["warped_labels"] = tf.where(inside, _sample(labels, q, label_mode), 0)
     return out
+
+
+def compile_pull_back(fixed, moving, image: bool = True, labels: bool = False, mm: bool = False,
+                      label_mode: str = "labels", max_voxels: int = CHUNK_VOXELS) -> None:
+    """Compiles `pull_back` for these geometries (one slab on zeros), e.g. in a thread while a model loads."""
+    mov = moving if moving is not None else fixed
+    shape = tuple(fixed.source_shape)
+    start, rows, _ = next(_slabs(shape, max_voxels))
+    zeros = lambda s, dt: tf.zeros(s, dt)  # noqa: E731
+    img = zeros(tuple(mov.source_shape) + (1,), tf.float32) if image else None
+    lab = zeros(tuple(mov.source_shape), tf.int32) if labels else None
+    eye = tf.eye(4)
+    _pull_slab(zeros(tuple(fixed.grid_shape) + (3,), tf.float32), eye, eye, eye, eye, tf.constant(start, tf.int32),
+               rows, shape[1], shape[2], img, lab, mm, label_mode)
 
 
 def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, label_mode: str = "labels",
