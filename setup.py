@@ -17,7 +17,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ldr_tf*", "networks*", "flags*", "tools*"]),
     include_package_data=True,
-    package_data={"tools": ["serving/*.config", "serving/*.yml", "serving/*.md"]},
+    package_data={
+        "tools": ["serving/*.config", "serving/*.yml", "serving/*.md"],
+        # the pretrained SavedModels (python -m ldr_tf.pretrained)
+        "ldr_tf": ["pretrained/*/*.pb", "pretrained/*/*.json", "pretrained/*/variables/*"],
+    },
     install_requires=[
         # CPU wheel by default. On a GPU host: `pip install tensorflow==2.21.0` then `pip install --no-deps -e .`
         "tensorflow-cpu>=2.20,<2.22",

@@ -91,7 +91,9 @@ def define_flags(fv=FLAGS) -> None:
     if "model" in fv:
         return
     common_flags.define_runtime_flags(fv)
-    flags.DEFINE_string("model", None, "Exported SavedModel directory (python -m ldr_tf.export).", flag_values=fv)
+    flags.DEFINE_string("model", None, "Exported SavedModel directory (python -m ldr_tf.export), or the name of a "
+                        "pretrained model shipped with ldr-tf: brain (T1 brain MRI, python -m ldr_tf.pretrained).",
+                        flag_values=fv)
     define_pair_flags(fv)
 
 
@@ -559,11 +561,14 @@ def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, wri
 
 def _main(fv) -> int:
     if not fv.model or not fv.out_dir:
-        raise cli.UsageError("--model (an exported SavedModel directory) and --out_dir are required")
+        raise cli.UsageError("--model (an exported SavedModel directory or a pretrained name, e.g. brain) and "
+                             "--out_dir are required")
     pairs = pairs_from_flags(fv)  # fail on missing inputs before loading TensorFlow and the model
     out_dir = Path(fv.out_dir)
     check_writable(out_dir)
-    model = Path(fv.model)
+    from ldr_tf import pretrained
+
+    model = pretrained.resolve(fv.model)
     if not model.is_dir():
         raise ValueError(f"{model}: --model: not found or not a folder (expected an exported SavedModel directory)")
     if not (model / "saved_model.pb").is_file():

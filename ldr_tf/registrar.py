@@ -184,12 +184,15 @@ def inference_only() -> None:
 
 
 def open_registrar(spec: str | os.PathLike, stage: str = "full", step: int | None = None) -> Registrar:
-    """A `Registrar` for ``identity``, a SavedModel directory or a training run directory."""
+    """A `Registrar` for ``identity``, a SavedModel directory, a pretrained model's name (`ldr_tf.pretrained`) or a
+    training run directory."""
+    from ldr_tf import pretrained
+
     if str(spec) == "identity":
         return _identity()
     if stage not in ("full", "affine"):
         raise ValueError(f"stage: expected 'full' or 'affine', got {stage!r}")
-    path = Path(spec)
+    path = pretrained.resolve(spec)
     if not path.exists():
         raise ValueError(f"{path}: model not found (give a SavedModel directory, a training run directory or "
                          "'identity')")

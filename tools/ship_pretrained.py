@@ -1,0 +1,79 @@
+"""Put a trained run into the package as a pretrained model (`ldr_tf.pretrained`).
+
+    python -m tools.ship_pretrained --run=brain_out/runs/half_seg --name=brain --card=card.json
+
+Exports the run's latest checkpoint (or ``--step``) with ``ldr_tf.export``, removes this machine's paths from the
+metadata (the checkpoint and dataset paths become file names), adds the model card read from ``--card`` (a JSON
+object: ``summary``, ``data``, ``training``, ``scores``, ``intended_use``, ``limits``, ...) and replaces
+``ldr_tf/pretrained/<folder>/`` in one rename. Refuses when the pretrained models would exceed 40 MB in total.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from absl import flags
+
+from ldr_tf import cli
+
+FLAGS = flags.FLAGS
+LIMIT_MB = 40.0
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def ship(run: str, name: str, card: dict, step: int | None = None) -> Path:
+    from ldr_tf import export, pretrained
+    from ldr_tf.atomic import write_json
+
+    if name not in pretrained.MODELS:
+        raise ValueError(f"--name: expected one of {', '.join(pretrained.MODELS)}, got {name!r}")
+    dest = pretrained.folder(name)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+        out = export.export_run(run, Path(tmp) / "model", step=step)
+        meta = export.load_metadata(out)
+        meta["checkpoint"] = Path(meta["checkpoint"]).name
+        if isinstance(meta.get("training_data"), str):
+            meta["training_data"] = Path(meta["training_data"]).name
+        meta["card"] = card
+        write_json(meta, out / export.METADATA)
+        others = sum(folder_mb(p) for n, p in pretrained.installed().items() if n != name)
+        total = others + folder_mb(out)
+        if total > LIMIT_MB:
+            raise ValueError(f"{run}: the pretrained models would take {total:.1f} MB (limit {LIMIT_MB:.0f} MB)")
+        old = Path(tmp) / "old"
+        if dest.exists():
+            dest.rename(old)
+        out.rename(dest)
+    print(f"shipped {run} as --model={name}: {dest} ({folder_mb(dest):.1f} MB)")
+    return dest
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.run or not FLAGS.name:
+        raise cli.UsageError("--run and --name are required")
+    card = {}
+    if FLAGS.card:
+        try:
+            card = json.loads(Path(FLAGS.card).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{FLAGS.card}: unreadable model card ({' '.join(str(e).split())})") from None
+        if not isinstance(card, dict):
+            raise ValueError(f"{FLAGS.card}: the model card must be a JSON object")
+    ship(FLAGS.run, FLAGS.name, card, FLAGS.step)
+    return 0
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("run", None, "Training run directory.")
+    flags.DEFINE_string("name", None, "Pretrained name (ldr_tf.pretrained.MODELS).")
+    flags.DEFINE_string("card", None, "Model card JSON file.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    cli.run(main, "tools.ship_pretrained")
