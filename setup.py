@@ -32,7 +32,7 @@ setup(
         "absl-py>=2.1",
         "tensorboard>=2.20,<2.22",  # training summaries (tf.summary needs it; tensorflow-cpu does not pull it in)
         "matplotlib>=3.8",  # report figures (Dice-vs-speed plot, slice comparisons, overlays)
-        "scipy>=1.11",  # connected components of the label-free head box (ldr_tf.preprocess); test oracle
+        "scipy>=1.11",  # connected components of the label-free head box (ldr_tf.data.preprocess); test oracle
     ],
     extras_require={
         # grpcio: the serving client tests (stand-in gRPC server)

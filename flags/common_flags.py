@@ -38,7 +38,7 @@ def apply_runtime_flags(flag_values=flags.FLAGS) -> None:
     """Applies --threads / --inter_threads / --xla_warp; call before any TF op runs."""
     import tensorflow as tf
 
-    from ldr_tf import warp
+    from ldr_tf.ops import warp
 
     if flag_values.threads:
         tf.config.threading.set_intra_op_parallelism_threads(flag_values.threads)

@@ -1,18 +1,18 @@
-"""absl flags of the dataset import tools (``tools.import_nifti``, ``tools.import_ixi``, ``tools.import_ct``) and
+"""absl flags of the dataset import tools (``ldr_tf.data.importer``, ``ldr_tf.data.ixi``, ``tools.import_ct``) and
 of ``tools.show_dataset``.
 
 Each ``define_*`` function takes the `flags.FlagValues` to define into. The tools parse their command line into a
 fresh `FlagValues` per call (``run(argv)``), so tests can call them repeatedly in one process and the tools' flag
 names (``--atlas``, ``--dataset``, ...) never collide with other tools' flags in the global ``FLAGS``.
 
-Preprocessing flags default to ``None``, meaning "take the value of the recipe" (`ldr_tf.preprocess.RECIPES`).
+Preprocessing flags default to ``None``, meaning "take the value of the recipe" (`ldr_tf.data.preprocess.RECIPES`).
 """
 
 from __future__ import annotations
 
 from absl import flags
 
-from ldr_tf.preprocess import CROP_MODES, INTENSITY_MODES, LABEL_ORDERS, RECIPES, RESAMPLE_MODES
+from ldr_tf.data.preprocess import CROP_MODES, INTENSITY_MODES, LABEL_ORDERS, RECIPES, RESAMPLE_MODES
 
 __all__ = [
     "define_preprocessing_flags",
@@ -25,7 +25,7 @@ __all__ = [
 
 
 def define_preprocessing_flags(fv: flags.FlagValues, recipe_default: str = "none") -> None:
-    """`ldr_tf.preprocess.Preprocessing` fields as flags (None = from the recipe)."""
+    """`ldr_tf.data.preprocess.Preprocessing` fields as flags (None = from the recipe)."""
     flags.DEFINE_enum("recipe", recipe_default, list(RECIPES), "Preset preprocessing: liver (CT, crop to the "
                       "liver, stretch, W/L 290/120, mask 0/255), brain (MRI, crop to the labels, keep_aspect, "
                       "1..99th percentile), brain-head (MRI, label-free: head box, 2 mm voxels on 128^3), none. "
@@ -106,7 +106,7 @@ def define_import_nifti_flags(fv: flags.FlagValues) -> None:
 
 def define_import_ixi_flags(fv: flags.FlagValues, default_ixi_dir: str, default_mni_dir: str) -> None:
     """Flags of ``python -m tools.import_ixi``."""
-    flags.DEFINE_string("data_dir", None, "Output folder (default: ldr_tf.dataset.default_data_dir()).",
+    flags.DEFINE_string("data_dir", None, "Output folder (default: ldr_tf.data.dataset.default_data_dir()).",
                         flag_values=fv)
     flags.DEFINE_string("name", "brain", "Dataset name: writes <data_dir>/<name>.json and <name>.h5.",
                         flag_values=fv)
@@ -138,7 +138,7 @@ def define_import_ixi_flags(fv: flags.FlagValues, default_ixi_dir: str, default_
 
 def define_import_ct_flags(fv: flags.FlagValues, default_ct_dir: str) -> None:
     """Flags of ``python -m tools.import_ct``."""
-    flags.DEFINE_string("data_dir", None, "Output folder (default: ldr_tf.dataset.default_data_dir()).",
+    flags.DEFINE_string("data_dir", None, "Output folder (default: ldr_tf.data.dataset.default_data_dir()).",
                         flag_values=fv)
     flags.DEFINE_string("name", "ct-smoke", "Dataset name: writes <data_dir>/<name>.json and <name>.h5.",
                         flag_values=fv)

@@ -2,7 +2,7 @@
 
 For every size in ``--sizes``, cascade count in ``--cascades`` and variant (``--xla`` sampler on/off, ``--bfloat16``
 convolutions off/on) the teacher (VTN affine + n VTN stems) and the student (lite affine + n LDR stems) are built
-with random weights (timing does not depend on training), exported with `ldr_tf.export.export_model`, and each
+with random weights (timing does not depend on training), exported with `ldr_tf.deploy.savedmodel.export_model`, and each
 SavedModel is timed in a **fresh Python process** through its ``register(fixed, moving)`` signature, batch 1:
 
 * import, load and first-call time (the first call includes the XLA compilation of the sampler), then
@@ -148,7 +148,7 @@ def measure_export(model_dir: str, runs: int = 10, warmup: int = 1, seed: int = 
     """Loads an export and times its ``register`` signature on one random pair (run in a fresh process).
 
     Args:
-      model_dir: SavedModel directory written by `ldr_tf.export.export_model`.
+      model_dir: SavedModel directory written by `ldr_tf.deploy.savedmodel.export_model`.
       runs: timed warm calls (>= 1).
       warmup: untimed calls after the first one.
       seed: seed of the random float32 inputs in [0, 1].
@@ -335,7 +335,7 @@ def _built_cases() -> list:
 
 
 def _export_cases(dirs) -> list:
-    from ldr_tf.export import load_metadata
+    from ldr_tf.deploy.savedmodel import load_metadata
 
     cases = []
     for d in dirs:
@@ -394,7 +394,7 @@ def _prepare(case: Case, work_dir: Path) -> dict:
     """Exports a built case (or counts the FLOPs of an existing export); returns the row's static fields."""
     import keras
 
-    from ldr_tf import warp
+    from ldr_tf.ops import warp
 
     row = {"params": None, "macs": None, "export_s": None}
     if case.source == "export":
@@ -420,7 +420,7 @@ def _prepare(case: Case, work_dir: Path) -> dict:
     try:
         model, params, macs = _build(case.config)
         t0 = time.perf_counter()
-        from ldr_tf.export import export_model
+        from ldr_tf.deploy.savedmodel import export_model
 
         metadata = {"model": case.model, "cascades": case.cascades, "network": case.config, "parameters": params,
                     "benchmark": {"seed": FLAGS.seed, "macs": macs},
@@ -437,7 +437,7 @@ def _prepare(case: Case, work_dir: Path) -> dict:
 
 
 def _export_meta(path: Path) -> dict:
-    from ldr_tf.export import load_metadata
+    from ldr_tf.deploy.savedmodel import load_metadata
 
     try:
         return load_metadata(path)

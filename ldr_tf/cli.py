@@ -14,7 +14,7 @@ class UsageError(ValueError):
 def run(main, prog: str) -> None:
     """``app.run(main)``, printing ``<prog>: error: <message>`` and exiting 1 for expected failures.
 
-    Expected failures are ValueError (bad arguments, bad files: `ldr_tf.dataset.DatasetError`, ...), OSError
+    Expected failures are ValueError (bad arguments, bad files: `ldr_tf.data.dataset.DatasetError`, ...), OSError
     (unreadable / unwritable paths) and KeyboardInterrupt (exit 130 after the caller saved what it could).
     """
 

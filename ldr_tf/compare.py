@@ -11,7 +11,7 @@ Methods (``--method=name=spec``, repeatable, in order):
 * ``<run dir>:affine``: the affine first stage of a trained model alone;
 * ``<SavedModel dir>`` or ``<run dir>``: a learned model (teacher, student, ...): the scans are preprocessed as the
   dataset was (its ``preprocessing`` spec), registered on the grid, and the flow is mapped back
-  (`ldr_tf.preprocess.Geometry.flow_to_original`);
+  (`ldr_tf.data.preprocess.Geometry.flow_to_original`);
 * ``ants:SyN`` (or any ANTsPy ``type_of_transform``, e.g. ``ants:Affine``): ANTs through ``antspyx``
   (``pip install .[peers]``), on the full native scans, labels resampled with ``genericLabel``; an optional third
   field sets the fraction of voxels the affine metric samples (``ants:Affine:1.0``; default 0.2, antspyx's): random
@@ -81,7 +81,7 @@ class Scan:
     """A loaded NIfTI scan with its label map."""
 
     def __init__(self, key: str, paths: dict):
-        from ldr_tf import nifti
+        from ldr_tf.data import nifti
 
         self.key = key
         self.image = nifti.load(paths["image"], "image")
@@ -125,7 +125,7 @@ class Learned(Method):
     """A SavedModel or run dir (optionally only its affine stage), with the dataset's preprocessing."""
 
     def __init__(self, name: str, spec: str, preprocessing):
-        from ldr_tf.registrar import open_registrar
+        from ldr_tf.deploy.loader import open_registrar
 
         stage = "full"
         if spec.endswith(":affine"):
@@ -134,15 +134,15 @@ class Learned(Method):
         self.registrar = open_registrar(spec, stage=stage)
         self.parameters = self.registrar.parameters
         grid = tuple(self.registrar.image_size)
-        from ldr_tf.preprocess import Preprocessing
+        from ldr_tf.data.preprocess import Preprocessing
 
         self.spec = Preprocessing.from_dict({**preprocessing.to_dict(), "grid_size": list(grid)})
         zeros = np.zeros((1, *grid, 1), np.float32)
         self.registrar(zeros, zeros)  # warm-up (tracing, XLA compilation) outside the timings
 
     def register(self, fixed, moving):
-        from ldr_tf import preprocess
-        from ldr_tf.sampling import pull_back
+        from ldr_tf.data import preprocess
+        from ldr_tf.ops.sampling import pull_back
 
         # Label maps reach the preprocessing only when the recipe crops or masks to labels (the old atlas
         # recipes); label-free recipes (brain-head) see the images alone, as ANTs does.
@@ -244,7 +244,7 @@ def parse_method(item: str, preprocessing, threads: int) -> Method:
 
 
 def score(method: Method, fixed: Scan, moving: Scan) -> dict:
-    from ldr_tf import metrics
+    from ldr_tf.ops import metrics
     from ldr_tf.predict import sample_native
 
     res = method.register(fixed, moving)
@@ -268,7 +268,7 @@ def _stat(values):
 
 
 def compare(methods, desc, subset: str, max_pairs: int = 0, progress: bool = True, paired: bool = False) -> dict:
-    from ldr_tf.pairs import pairs_for
+    from ldr_tf.data.pairs import pairs_for
     from ldr_tf.progress import Progress
 
     pairs = pairs_for(desc, subset, paired)
@@ -319,7 +319,7 @@ def table(summary) -> str:
 
 def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int = 2, paired: bool = False) -> dict:
     """Compares `method_specs` (``name=spec`` strings) on `desc`'s `subset`; writes <out>.txt/.json/.png."""
-    from ldr_tf.preprocess import Preprocessing
+    from ldr_tf.data.preprocess import Preprocessing
 
     pp = desc.extra.get("preprocessing")
     preprocessing = Preprocessing.from_dict(pp) if isinstance(pp, dict) and "grid_size" in pp else None
@@ -337,7 +337,7 @@ def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int =
     write_json({"dataset": str(desc.path), "subset": subset, "paired": paired, "threads": threads,
                       "methods": list(method_specs),
                       **res}, Path(str(out) + ".json"))
-    from tools import figures
+    from ldr_tf import figures
 
     figures.dice_vs_speed([{"name": s["name"], "dice": s["dice"]["mean"], "dice_std": s["dice"]["std"],
                             "seconds": s["seconds"]["mean"]} for s in res["summary"]],
@@ -357,7 +357,7 @@ def main(argv):
     threads = FLAGS.threads or 2
     FLAGS.threads = threads
     common_flags.apply_runtime_flags(FLAGS)
-    from ldr_tf import dataset
+    from ldr_tf.data import dataset
 
     desc = dataset.load_descriptor(dataset.resolve_dataset(FLAGS.dataset, FLAGS.data_dir))
     run(FLAGS.method, desc, FLAGS.subset, FLAGS.out, FLAGS.max_pairs, threads, FLAGS.paired)

@@ -25,7 +25,7 @@ from absl import flags, logging
 from flags import common_flags
 from ldr_tf import __version__, cli
 from ldr_tf.atomic import write_json
-from ldr_tf.config import TrainConfig
+from ldr_tf.training.config import TrainConfig
 
 FLAGS = flags.FLAGS
 
@@ -92,15 +92,16 @@ def _train(cfg: TrainConfig, reuse: bool) -> dict:
 
 
 def _export(run_dir: Path, out: Path, reuse: bool) -> Path:
-    from ldr_tf import export, runs
+    from ldr_tf.deploy import savedmodel
+    from ldr_tf.training import checkpoints as runs
 
     prefix = runs.latest_checkpoint(run_dir)
-    if reuse and (out / export.METADATA).is_file():
-        meta = json.loads((out / export.METADATA).read_text())
+    if reuse and (out / savedmodel.METADATA).is_file():
+        meta = json.loads((out / savedmodel.METADATA).read_text())
         if meta.get("checkpoint") == str(prefix):
             print(f"reusing {out}")
             return out
-    path = export.export_run(run_dir, out, overwrite=True)
+    path = savedmodel.export_run(run_dir, out, overwrite=True)
     print(f"exported {path}")
     return path
 
@@ -126,9 +127,9 @@ def _evaluate(methods, desc, out_dir: Path) -> list:
 def _figures(methods, desc, out_dir: Path, rows) -> dict:
     import tensorflow as tf
 
-    from ldr_tf import metrics
-    from ldr_tf.pairs import make_pair_dataset
-    from tools import figures
+    from ldr_tf.ops import metrics
+    from ldr_tf.data.pairs import make_pair_dataset
+    from ldr_tf import figures
 
     batch = next(iter(make_pair_dataset(desc, "2", batch_size=1, augment=False, shuffle=False, repeat=False)))
     fixed = batch["fixed"].numpy()[0, ..., 0]
@@ -228,7 +229,7 @@ def main(argv):
         d.mkdir(parents=True, exist_ok=True)
     stages = Stages()
 
-    from ldr_tf import dataset, synthetic
+    from ldr_tf.data import dataset, synthetic
 
     path = stages.run("1. data", synthetic.ensure_demo_dataset, "demo", data_dir=data_dir, size=FLAGS.size,
                       subjects=FLAGS.subjects, seed=0)
@@ -253,7 +254,7 @@ def main(argv):
 
     exported = stages.run("5. export", export_all)
 
-    from ldr_tf.registrar import open_registrar
+    from ldr_tf.deploy.loader import open_registrar
 
     methods = [
         ("identity", open_registrar("identity")),

@@ -1,9 +1,9 @@
 """``python -m ldr_tf.distill``: precompute the teacher's deformations of the training pairs (a teacher-flow cache).
 
-The cache is one HDF5 file (format: `ldr_tf.teacher.TeacherCache`): the teacher's final flow of every training
+The cache is one HDF5 file (format: `ldr_tf.training.teacher_flows.TeacherCache`): the teacher's final flow of every training
 pair, float16, gzip-compressed, keyed ``"<fixed>-<moving>"``. The student then trains with
 ``--teacher_cache=<file>`` instead of running the teacher at every step; flows of augmented pairs are derived from
-the cached ones exactly (``ldr_tf.teacher.map_to_augmented``), so the student always learns from the deformation
+the cached ones exactly (``ldr_tf.training.teacher_flows.map_to_augmented``), so the student always learns from the deformation
 of the pair it sees.
 
 Example::
@@ -47,8 +47,8 @@ def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", b
     from ldr_tf.atomic import atomic_path
     from ldr_tf.progress import Progress
 
-    from ldr_tf.pairs import make_pair_dataset, pairs_for
-    from ldr_tf.teacher import load_registration_fn, pair_key
+    from ldr_tf.data.pairs import make_pair_dataset, pairs_for
+    from ldr_tf.training.teacher_flows import load_registration_fn, pair_key
 
     out = Path(out)
     fn, info = load_registration_fn(teacher)

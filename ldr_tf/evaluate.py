@@ -38,7 +38,8 @@ import numpy as np
 from absl import flags
 
 from flags import common_flags
-from ldr_tf import cli, metrics
+from ldr_tf import cli
+from ldr_tf.ops import metrics
 from ldr_tf.atomic import atomic_path, write_json
 
 FLAGS = flags.FLAGS
@@ -98,8 +99,8 @@ def evaluate(registrar, desc, subset: str = "2", paired: bool = False, max_pairs
 
     from ldr_tf.progress import Progress
 
-    from ldr_tf import warp
-    from ldr_tf.pairs import make_pair_dataset, pairs_for
+    from ldr_tf.ops import warp
+    from ldr_tf.data.pairs import make_pair_dataset, pairs_for
 
     n_total = len(pairs_for(desc, subset, paired=paired))
     n = min(n_total, max_pairs) if max_pairs else n_total
@@ -200,7 +201,7 @@ def main(argv):
         raise ValueError(f"{FLAGS.model}: model not found (give a SavedModel directory, a training run directory "
                          "or 'identity')")
     common_flags.apply_runtime_flags(FLAGS)
-    from ldr_tf.registrar import open_registrar
+    from ldr_tf.deploy.loader import open_registrar
     from ldr_tf.train import open_dataset
 
     registrar = open_registrar(FLAGS.model, stage=FLAGS.stage)

@@ -5,14 +5,14 @@ at serve time. Signatures (batch dynamic, spatial size = the training grid, floa
 
 * ``register(fixed, moving) -> {"flow", "warped"}`` (also ``serving_default``):
   ``fixed``/``moving`` ``[B, D, H, W, 1]`` float32; ``flow`` ``[B, D, H, W, 3]`` in voxels of the grid
-  (``ldr_tf.warp`` convention); ``warped`` the moving image warped onto the fixed one.
+  (``ldr_tf.ops.warp`` convention); ``warped`` the moving image warped onto the fixed one.
 * ``register_labels(fixed, moving, moving_labels) -> {"flow", "warped", "warped_labels"}``: ``moving_labels``
-  ``[B, D, H, W, 1]`` int32, warped without mixing labels (``ldr_tf.warp.warp_labels``).
+  ``[B, D, H, W, 1]`` int32, warped without mixing labels (``ldr_tf.ops.warp.warp_labels``).
 
 Next to ``saved_model.pb`` the export writes ``ldr_tf_export.json``: grid size, model kind, cascades, parameter
 count, training data, the preprocessing that `ldr_tf.predict` must apply to new images, and ``xla_warp``.
 
-XLA: by default (``--xla_warp``, `ldr_tf.warp.xla_warp_enabled`) the trilinear sampler inside the graph is an
+XLA: by default (``--xla_warp``, `ldr_tf.ops.warp.xla_warp_enabled`) the trilinear sampler inside the graph is an
 XLA-compiled function (2-8x faster on CPU). TensorFlow (``tf.saved_model.load``, ``saved_model_cli run``) runs it
 as it is, but TensorFlow Serving disables XLA:CPU JIT by default: serve such an export with
 ``tensorflow_model_server --xla_cpu_compilation_enabled=true`` (experimental flag, tensorflow/serving#1858), or
@@ -27,22 +27,15 @@ Example::
 
 from __future__ import annotations
 
-import datetime
-import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 from absl import flags, logging
 
 from flags import common_flags
-from ldr_tf import __version__, cli
-from ldr_tf.atomic import write_json
+from ldr_tf import cli
+from ldr_tf.deploy.savedmodel import SIGNATURES, export_run, load_metadata
 
 FLAGS = flags.FLAGS
-METADATA = "ldr_tf_export.json"
-SIGNATURES = ("register", "register_labels")
 
 
 def define_flags() -> None:
@@ -55,159 +48,6 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "Replace an existing export at --out (only after the new one is complete).")
     flags.DEFINE_bool("bfloat16", False, "Run the convolutions in bfloat16 (float32 weights, flows and warps): "
                                          "faster on CPUs with AVX-512 BF16 (README, Benchmark).")
-
-
-def _make_readable(root: Path) -> None:
-    """Gives the export the permissions a plain ``mkdir``/``open`` would (temp dirs/files are private, 0700/0600),
-    so that a server running as another user (the TF Serving container) can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Moves a finished export into place; an existing `out` is replaced only after the new one is complete."""
-    if out.exists():
-        if not overwrite:
-            raise ValueError(f"{out} already exists (add --overwrite to replace it)")
-        backup = out.with_name(f".{out.name}.old")
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(out, backup)
-        os.replace(tmp, out)
-        shutil.rmtree(backup)
-    else:
-        os.replace(tmp, out)
-
-
-def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool = False,
-                 xla_warp: bool | None = None) -> Path:
-    """Writes `model` (a built ``RecursiveCascade``) as a SavedModel with the signatures above, atomically.
-
-    Args:
-      model: a built `networks.cascade.RecursiveCascade` (weights restored).
-      out: output directory; nothing is left there if writing fails, and an existing one is replaced only once the
-        new export is complete (with `overwrite`).
-      metadata: stored in ``ldr_tf_export.json``, completed with the grid size, signatures and ``xla_warp``.
-      overwrite: replace an existing `out`.
-      xla_warp: trace the sampler through XLA (None: the current `ldr_tf.warp.xla_warp_enabled`).
-
-    Returns:
-      The output path.
-    """
-    import keras
-    import tensorflow as tf
-
-    from ldr_tf import warp
-
-    out = Path(out)
-    size = tuple(int(s) for s in model.config.image_size)
-    use_xla = warp.xla_warp_enabled() if xla_warp is None else bool(xla_warp)
-    fixed = tf.TensorSpec([None, *size, 1], tf.float32, name="fixed")
-    moving = tf.TensorSpec([None, *size, 1], tf.float32, name="moving")
-    labels = tf.TensorSpec([None, *size, 1], tf.int32, name="moving_labels")
-
-    def register(fixed, moving):
-        res = model(tf.concat([fixed, moving], axis=-1), training=False)
-        # static shapes in the signature (the XLA sampler relaxes them): [-1, D, H, W, 3] instead of all -1
-        return {"flow": tf.ensure_shape(res["agg_flow"], [None, *size, 3]),
-                "warped": tf.ensure_shape(res["warped"], [None, *size, 1])}
-
-    def register_labels(fixed, moving, moving_labels):
-        res = register(fixed, moving)
-        res["warped_labels"] = tf.ensure_shape(warp.warp_labels(moving_labels, res["flow"]), [None, *size, 1])
-        return res
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    previous = warp.xla_warp_enabled()
-    warp.set_xla_warp(use_xla)  # read when the endpoints are traced
-    try:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint("register", register, input_signature=[fixed, moving])
-        archive.add_endpoint("register_labels", register_labels, input_signature=[fixed, moving, labels])
-        archive.write_out(str(tmp), verbose=False)
-        meta = {
-            **metadata,
-            "ldr_tf_version": __version__,
-            "image_size": list(size),
-            "xla_warp": use_xla,
-            "serving": {
-                "xla_cpu_compilation_enabled": use_xla,
-                "note": ("the sampler is XLA-compiled: tensorflow_model_server needs "
-                         "--xla_cpu_compilation_enabled=true (or re-export with --noxla_warp)") if use_xla else
-                        "no XLA ops: any tensorflow_model_server runs it",
-            },
-            "input": "fixed and moving float32 in [0, 1] (the uint8 grid volume of ldr_tf.preprocess / 255)",
-            "flow": "voxels of the grid, channel c along axis c (D, H, W), pull: warped(x) = moving(x + flow(x))",
-            "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "signatures": {
-                "register": {"inputs": {"fixed": [None, *size, 1], "moving": [None, *size, 1]},
-                             "outputs": {"flow": [None, *size, 3], "warped": [None, *size, 1]}},
-                "register_labels": {"inputs": {"fixed": [None, *size, 1], "moving": [None, *size, 1],
-                                               "moving_labels": [None, *size, 1]},
-                                    "outputs": {"flow": [None, *size, 3], "warped": [None, *size, 1],
-                                                "warped_labels": [None, *size, 1]},
-                                    "dtypes": {"moving_labels": "int32", "warped_labels": "int32"}},
-                "serving_default": "same as register",
-            },
-        }
-        write_json(meta, tmp / METADATA)
-        _make_readable(tmp)
-        _install_dir(tmp, out, overwrite)
-    finally:
-        warp.set_xla_warp(previous)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
-               overwrite: bool = False, xla_warp: bool | None = None, bfloat16: bool = False) -> Path:
-    """Restores a training run's checkpoint (the latest, or `step`) and exports it (see `export_model`).
-
-    ``bfloat16=True`` rebuilds the network with ``compute_dtype="bfloat16"`` (same float32 weights) before export.
-    """
-    from ldr_tf import runs
-
-    out = Path(out)
-    if out.exists() and not overwrite:  # fail before the (slow) restore
-        raise ValueError(f"{out} already exists (add --overwrite to replace it)")
-    overrides = {"compute_dtype": "bfloat16"} if bfloat16 else {}
-    model, run_cfg = runs.restore_model(run_dir, step, overrides=overrides)
-    prefix = runs.latest_checkpoint(run_dir, step)
-    train = run_cfg.get("train", {})
-    metadata = {
-        "model": train.get("model"),
-        "aldk": train.get("aldk") if train.get("model") == "student" else None,
-        "cascades": run_cfg["network"].get("cascades"),
-        "network": {**run_cfg["network"], **overrides},
-        "parameters": int(sum(int(v.numpy().size) for v in model.weights)),
-        "checkpoint": str(prefix),
-        "trained_steps": int(prefix.rsplit("-", 1)[-1]),
-        "training_data": run_cfg.get("dataset"),
-        "preprocessing": run_cfg.get("preprocessing"),
-    }
-    return export_model(model, out, metadata, overwrite=overwrite, xla_warp=xla_warp)
-
-
-def load_metadata(model_dir: str | os.PathLike) -> dict:
-    """Reads ``ldr_tf_export.json`` of an export; ValueError naming the directory if it is not one of ours."""
-    import json
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "saved_model.pb").is_file():
-        raise ValueError(f"{model_dir}: not a SavedModel directory (no saved_model.pb)")
-    path = model_dir / METADATA
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{model_dir}: SavedModel without {METADATA}; export it with python -m ldr_tf.export") \
-            from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable export metadata ({' '.join(str(e).split())})") from None
 
 
 def main(argv):

@@ -20,10 +20,10 @@ stored in the export's ``ldr_tf_export.json``, or ``--preprocessing``), run the 
   registration, overall and per label.
 
 The two scans may have any shape, voxel size and orientation: each is reoriented and resampled onto the network grid
-on its own, and the result goes back through both geometries (`ldr_tf.preprocess.Geometry`).
+on its own, and the result goes back through both geometries (`ldr_tf.data.preprocess.Geometry`).
 
 Preprocessing. Models trained on the synthetic demo data record ``{"kind": "synthetic"}`` rather than a NIfTI recipe,
-so ``--preprocessing=brain|liver|none`` or a spec JSON (`ldr_tf.preprocess.Preprocessing.to_dict`) must be given.
+so ``--preprocessing=brain|liver|none`` or a spec JSON (`ldr_tf.data.preprocess.Preprocessing.to_dict`) must be given.
 The grid size is always the model's. Recipes that crop (or mask) to labels (``brain``, ``liver``) use the label
 boxes only when BOTH label maps are given; otherwise both scans are taken whole (crop ``none``, no mask), which
 ``result.json`` records under ``preprocessing_note`` (``--no_crop`` forces this).
@@ -101,7 +101,7 @@ def define_flags(fv=FLAGS) -> None:
 
 
 def resolve_preprocessing(choice: str, metadata: dict, grid, no_crop: bool = False):
-    """The `ldr_tf.preprocess.Preprocessing` to apply to both scans.
+    """The `ldr_tf.data.preprocess.Preprocessing` to apply to both scans.
 
     Args:
       choice: ``"auto"`` (the NIfTI preprocessing stored in the export metadata), a recipe name (``brain``,
@@ -114,7 +114,7 @@ def resolve_preprocessing(choice: str, metadata: dict, grid, no_crop: bool = Fal
       ValueError: ``auto`` for a model whose training data has no NIfTI preprocessing (e.g. the synthetic demo
         data), an unknown recipe or an unreadable spec.
     """
-    from ldr_tf.preprocess import RECIPES, Preprocessing, recipe
+    from ldr_tf.data.preprocess import RECIPES, Preprocessing, recipe
 
     grid = tuple(int(g) for g in grid)
     if choice == "auto":
@@ -126,7 +126,7 @@ def resolve_preprocessing(choice: str, metadata: dict, grid, no_crop: bool = Fal
             what = (f"was trained on '{kind}' data" if kind else "records no preprocessing")
             raise ValueError(
                 f"--preprocessing: the model {what}, which has no NIfTI preprocessing to repeat; give "
-                f"--preprocessing={'|'.join(RECIPES)} or a spec .json (ldr_tf.preprocess.Preprocessing)"
+                f"--preprocessing={'|'.join(RECIPES)} or a spec .json (ldr_tf.data.preprocess.Preprocessing)"
             )
     elif choice.endswith(".json"):
         try:
@@ -145,7 +145,7 @@ def resolve_preprocessing(choice: str, metadata: dict, grid, no_crop: bool = Fal
 
 
 def _uncropped(spec):
-    from ldr_tf.preprocess import Preprocessing
+    from ldr_tf.data.preprocess import Preprocessing
 
     return Preprocessing.from_dict({**spec.to_dict(), "crop": "none", "mask_dilation_mm": None})
 
@@ -154,19 +154,19 @@ def _uncropped(spec):
 
 
 def sample_native(data, coords, labels: bool = False):
-    """Samples a native volume at voxel positions `coords` ``[..., 3]`` (`ldr_tf.sampling.sample_points`).
+    """Samples a native volume at voxel positions `coords` ``[..., 3]`` (`ldr_tf.ops.sampling.sample_points`).
 
     Args:
       data: ``[X, Y, Z]`` array (an image, or integer labels).
       coords: ``[..., 3]`` float positions in voxels of `data`.
-      labels: sample integer labels without mixing (label vote, `ldr_tf.warp.warp_labels`) instead of trilinear
+      labels: sample integer labels without mixing (label vote, `ldr_tf.ops.warp.warp_labels`) instead of trilinear
         intensities.
 
     Returns:
       ``coords.shape[:-1]`` float32 (int32 for labels). Positions more than half a voxel outside the volume get 0
       (background) instead of the clamped border value.
     """
-    from ldr_tf.sampling import sample_points
+    from ldr_tf.ops.sampling import sample_points
 
     return sample_points(data, coords, mode="labels" if labels else "linear")
 
@@ -175,14 +175,14 @@ def sample_native(data, coords, labels: bool = False):
 
 
 def prepare_pair(spec, loaded: dict, compile_samplers: bool = False) -> dict:
-    """Both scans of a loaded pair on the network grid (`ldr_tf.preprocess.apply`), as `Predictor.start` needs them.
+    """Both scans of a loaded pair on the network grid (`ldr_tf.data.preprocess.apply`), as `Predictor.start` needs them.
 
     Recipes that crop or mask to labels use the label boxes only when both label maps are there; otherwise both
     scans are taken whole and ``note`` says so. ``compile_samplers``: also compile the pull-back sampler for this
     pair's shapes (one slab on a zero flow), so that a background thread pays the compilation while the model
     loads. Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom", "moving_geom", "seconds"}``.
     """
-    from ldr_tf import preprocess
+    from ldr_tf.data import preprocess
 
     t = time.perf_counter()
     f_img, m_img, m_lab, f_lab = (loaded[k] for k in ("fixed", "moving", "moving_seg", "fixed_seg"))
@@ -199,7 +199,7 @@ def prepare_pair(spec, loaded: dict, compile_samplers: bool = False) -> dict:
     out = {"spec": spec, "spec_used": used, "note": note, "fixed": f_vol, "moving": m_vol, "fixed_geom": f_geom,
            "moving_geom": m_geom, "seconds": time.perf_counter() - t}
     if compile_samplers:
-        from ldr_tf.sampling import compile_pull_back
+        from ldr_tf.ops.sampling import compile_pull_back
 
         compile_pull_back(f_geom, m_geom, image=True, labels=m_lab is not None)
     return out
@@ -207,12 +207,12 @@ def prepare_pair(spec, loaded: dict, compile_samplers: bool = False) -> dict:
 
 def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg: str | None = None,
               spec=None, compile_samplers: bool = False) -> dict:
-    """The pair's scans and label maps, checked (`ldr_tf.nifti.load`), with the seconds it took.
+    """The pair's scans and label maps, checked (`ldr_tf.data.nifti.load`), with the seconds it took.
 
     Returns ``{"fixed", "moving", "moving_seg", "fixed_seg", "seconds"}`` (absent label maps are None), and with a
     `spec` also ``"prepared"``: the pair on the grid (`prepare_pair`), so that a reader thread does that work too.
     """
-    from ldr_tf import nifti
+    from ldr_tf.data import nifti
 
     t = time.perf_counter()
     f_img = nifti.load(fixed, "image")
@@ -237,8 +237,8 @@ class Predictor:
     Args:
       registrar: callable ``(fixed, moving, moving_labels=None) -> {"flow", "warped"[, "warped_labels"]}`` on
         ``[1, D, H, W, 1]`` float32 arrays in [0, 1], with an ``image_size`` attribute ``(D, H, W)``
-        (`ldr_tf.registrar.Registrar`, `tools.serving.client.RemoteRegistrar`).
-      spec: the `ldr_tf.preprocess.Preprocessing` applied to both scans (grid = ``registrar.image_size``).
+        (`ldr_tf.deploy.loader.Registrar`, `tools.serving.client.RemoteRegistrar`).
+      spec: the `ldr_tf.data.preprocess.Preprocessing` applied to both scans (grid = ``registrar.image_size``).
       model_info: dict stored under ``model`` in ``result.json``.
 
     Attributes:
@@ -294,8 +294,9 @@ class Predictor:
           ValueError: one line naming the file or argument (unreadable/4-D/NaN scans, labels on another grid,
             existing outputs without `overwrite`, ...). Nothing is written then.
         """
-        from ldr_tf import metrics, nifti, preprocess
-        from ldr_tf.sampling import pull_back, sample_affine
+        from ldr_tf.ops import metrics
+        from ldr_tf.data import nifti, preprocess
+        from ldr_tf.ops.sampling import pull_back, sample_affine
 
         out_dir = Path(out_dir)
         self.check_outputs(out_dir, overwrite)
@@ -580,12 +581,12 @@ def _main(fv) -> int:
     if fv.pairs and (out_dir / "results.json").exists() and not fv.overwrite:
         raise ValueError(f"{out_dir / 'results.json'}: already exists (add --overwrite to replace the outputs)")
     common_flags.apply_runtime_flags(fv)
-    from ldr_tf.registrar import inference_only, open_registrar
+    from ldr_tf.deploy.loader import inference_only, open_registrar
 
     inference_only()
     # The first pair is read, put on the grid and the samplers compiled for its shapes while the model loads (the
     # export's metadata says the grid and the preprocessing without loading TensorFlow's graph).
-    from ldr_tf.export import load_metadata
+    from ldr_tf.deploy.savedmodel import load_metadata
 
     metadata = load_metadata(model) if (model / "ldr_tf_export.json").is_file() else {}
     first = None

@@ -21,7 +21,7 @@ from absl import flags, logging
 from flags import common_flags, train_flags
 from ldr_tf import __version__, cli
 from ldr_tf.atomic import write_json
-from ldr_tf.config import TrainConfig, load_run_config
+from ldr_tf.training.config import TrainConfig, load_run_config
 
 FLAGS = flags.FLAGS
 # Flags that may change when a run is resumed; any other flag given with --resume must match the saved run.
@@ -69,10 +69,10 @@ def network_config(cfg: TrainConfig, image_size) -> dict:
 
 def open_dataset(name: str, data_dir, image_size):
     """Resolves --dataset (generating the synthetic demo data on first use) and loads its descriptor."""
-    from ldr_tf import dataset
+    from ldr_tf.data import dataset
 
     if name in ("demo", "demo-brain"):
-        from ldr_tf import synthetic
+        from ldr_tf.data import synthetic
 
         synthetic.ensure_demo_dataset(name, data_dir=data_dir, size=image_size or 64)
     return dataset.load_descriptor(dataset.resolve_dataset(name, data_dir))
@@ -133,7 +133,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     cfg.validate()
     out_dir = Path(cfg.out_dir)
 
-    from ldr_tf.trainer import Trainer
+    from ldr_tf.training.trainer import Trainer
 
     desc = open_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
     size = (cfg.image_size,) * 3 if cfg.image_size else tuple(desc.image_size)

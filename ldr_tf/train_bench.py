@@ -1,7 +1,7 @@
 """``python -m ldr_tf.train_bench``: training throughput (steps per second) of the teacher and the students.
 
 For every ``--sizes`` grid it trains, on the synthetic ``demo`` data generated at that size, with the real training
-step of `ldr_tf.trainer.Trainer` (data pipeline, augmentation, losses, optimizer; no validation or checkpoints
+step of `ldr_tf.training.trainer.Trainer` (data pipeline, augmentation, losses, optimizer; no validation or checkpoints
 between the timed steps):
 
 1. the teacher (VTN affine + ``--cascades`` VTN stems of width ``--channels``);
@@ -73,7 +73,7 @@ def time_steps(trainer, warmup: int, steps: int) -> dict:
 
 
 def _config(kind: str, size: int, data_dir: Path, out: Path, teacher: Path | None):
-    from ldr_tf.config import TrainConfig
+    from ldr_tf.training.config import TrainConfig
 
     common = dict(dataset="demo", data_dir=str(data_dir), image_size=size, cascades=FLAGS.cascades,
                   batch=FLAGS.batch, steps=FLAGS.warmup + FLAGS.steps, lr_schedule="constant", val_every=0,
@@ -89,7 +89,7 @@ def bench(size: int, kinds, work: Path) -> list:
     import keras
 
     from ldr_tf.train import network_config, open_dataset
-    from ldr_tf.trainer import Trainer
+    from ldr_tf.training.trainer import Trainer
 
     data_dir = work / "data"
     desc = open_dataset("demo", str(data_dir), size)

@@ -4,7 +4,7 @@ Both regress a 3x3 matrix ``W`` and a translation ``b`` from the concatenated pa
 head of two VALID convolutions whose kernel covers the whole remaining feature volume, so the head's
 parameter count depends on the input size (at 128^3: 2^3 x 512 for `AffineStem`, 3^3 x 128 for
 `AffineLiteStem`). The affine map is ``x_c -> A x_c + b`` with ``A = I + W`` on centred voxel coordinates
-(`ldr_tf.warp.affine_to_flow`); row r of A is output axis r. With ``identity_init=True`` (our default) the
+(`ldr_tf.ops.warp.affine_to_flow`); row r of A is output axis r. With ``identity_init=True`` (our default) the
 head's kernels start at zero, so a fresh stem predicts the identity; ``identity_init=False`` keeps the original's
 lecun-uniform head, which starts from a random affine (measured: a demo teacher then needs ~400 steps just to get
 back to the Dice it had before registration).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from ldr_tf import losses, warp
+from ldr_tf.ops import losses, warp
 from networks.layers import check_divisible, conv3d, spatial_size, track_layers
 
 __all__ = ["AffineStem", "AffineLiteStem"]
@@ -83,7 +83,7 @@ class _AffineBase(keras.Model):
         Returns:
           dict with ``flow`` [B, D, H, W, 3] (displacement ``(A - I) x_c + b`` in voxels), ``A`` [B, 3, 3],
           ``W`` [B, 3, 3] (= A - I), ``b`` [B, 3], ``det_loss`` [B] and ``ortho_loss`` [B] (unreduced
-          `ldr_tf.losses.affine_det_loss` / `affine_ortho_loss` of A).
+          `ldr_tf.ops.losses.affine_det_loss` / `affine_ortho_loss` of A).
         """
         size = spatial_size(pair.shape, 2, type(self).__name__)
         if self.image_size is not None and None not in size and size != self.image_size:

@@ -15,7 +15,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from ldr_tf import losses, warp
+from ldr_tf.ops import losses, warp
 from networks.affine import AffineLiteStem, AffineStem
 from networks.layers import COMPUTE_DTYPES, check_divisible, dtype_policy, spatial_size, track_layers
 from networks.ldr import LDR, STUDENT_HEADS, LDRReleased
@@ -156,7 +156,7 @@ class RecursiveCascade(keras.Model):
     average-pooled x2 once and every dense stem, composition and warp of the cascade runs on that half-resolution
     grid (the affine stage's field there is exact: same ``A``, half the translation, on the half grid's centred
     coordinates). At the end the dense part of the total field (total minus the affine field) is upsampled x2
-    with the fixed separable stencil (`ldr_tf.warp.upsample_flow`, values doubled), added to the exact
+    with the fixed separable stencil (`ldr_tf.ops.warp.upsample_flow`, values doubled), added to the exact
     full-resolution affine field, and the original moving image is warped once at full resolution. ``flows``
     then holds the affine field at full resolution and the stems' own flows at half resolution (in half-grid
     voxels, as their smoothness terms).
@@ -261,7 +261,7 @@ class RecursiveCascade(keras.Model):
             ``flows``: list of each stem's own flow ``[B, D, H, W, 3]`` (affine stage first if present);
             ``agg_flow``: ``[B, D, H, W, 3]`` composed flow; ``warped``: ``[B, D, H, W, 1]`` original moving
             image warped by it; ``smoothness``: ``[B]`` sum over the dense stems of the unreduced
-            `ldr_tf.losses.smoothness_loss` of each stem's own flow; ``det_loss``, ``ortho_loss``: ``[B]``
+            `ldr_tf.ops.losses.smoothness_loss` of each stem's own flow; ``det_loss``, ``ortho_loss``: ``[B]``
             (zeros without affine stage); ``A`` ``[B, 3, 3]``, ``b`` ``[B, 3]`` (identity / zeros without).
         """
         pair = tf.convert_to_tensor(pair, tf.float32)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import keras
 
-from ldr_tf import warp
+from ldr_tf.ops import warp
 from networks.layers import (
     check_divisible,
     conv3d,
@@ -54,7 +54,7 @@ class LDR(keras.Model):
 
     * ``"deconv"``: a 4^3 stride-2 transposed conv from t1 straight to 3 channels at full resolution.
     * ``"upsample"`` (default): a 3^3 conv from t1 to 3 channels at half resolution, then
-      `ldr_tf.warp.upsample_flow` (trilinear, values doubled) to full resolution. This keeps the paper's
+      `ldr_tf.ops.warp.upsample_flow` (trilinear, values doubled) to full resolution. This keeps the paper's
       count of exactly three deconvolution layers, and it is the faster head on CPU: at 128^3 (batch 1, 2
       cores) the stem takes ~0.11 s against ~0.15 s with "deconv", whose full-resolution transposed conv
       to 3 channels alone costs ~0.09 s (measured: as much as one with 16 output channels).

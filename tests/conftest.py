@@ -31,3 +31,32 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_student(tmp_path_factory) -> dict:
+    """One 32^3 student run with random weights and its export (XLA sampler, the default), made once per session:
+    ``{"run", "export", "root"}``."""
+    from ldr_tf.deploy import savedmodel
+    from tests.helpers import make_run, student_network
+
+    root = tmp_path_factory.mktemp("shared_student")
+    run = make_run(root / "run", student_network())
+    out = savedmodel.export_run(run, root / "export", xla_warp=True)
+    return {"run": run, "export": out, "root": root}
+
+
+@pytest.fixture(scope="session")
+def scans(tmp_path_factory) -> dict:
+    """The phantom pair as NIfTI files: fixed (RAS, 2 mm) and moving (another orientation and voxel size, a shifted
+    subject), with their label maps: ``{"fixed", "fixed_seg", "moving", "moving_seg", "dir"}``."""
+    from tests.helpers import FIXED_SHAPE, MOVING_SHAPE, fixed_affine, moving_affine, phantom, save_nifti, world_points
+
+    d = tmp_path_factory.mktemp("nifti")
+    fa, ma = fixed_affine(), moving_affine()
+    m_shape = (MOVING_SHAPE[2], MOVING_SHAPE[0], MOVING_SHAPE[1])
+    f_lab, f_img = phantom(world_points(fa, FIXED_SHAPE))
+    m_lab, m_img = phantom(world_points(ma, m_shape) + np.array([2.0, -1.5, 1.0]))  # a shifted subject
+    return {"fixed": save_nifti(d / "f.nii.gz", f_img, fa), "fixed_seg": save_nifti(d / "f_seg.nii.gz", f_lab, fa),
+            "moving": save_nifti(d / "m.nii.gz", m_img, ma),
+            "moving_seg": save_nifti(d / "m_seg.nii.gz", m_lab, ma), "dir": d}

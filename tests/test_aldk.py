@@ -1,10 +1,10 @@
-"""`ldr_tf.aldk`: where the penalty is taken, the penalty against finite differences, the student's losses."""
+"""`ldr_tf.training.aldk`: where the penalty is taken, the penalty against finite differences, the student's losses."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf import aldk
+from ldr_tf.training import aldk
 
 
 class Quadratic:

@@ -1,11 +1,11 @@
-"""ldr_tf.augment: B-spline free-form deformation applied to image, labels and landmarks."""
+"""ldr_tf.data.augment: B-spline free-form deformation applied to image, labels and landmarks."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf import augment as A
-from ldr_tf import warp as W
+from ldr_tf.data import augment as A
+from ldr_tf.ops import warp as W
 
 
 def _rcn_segment_field(control, n):

@@ -6,11 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ldr_tf import compare, dataset
-from ldr_tf.metrics import label_overlap
-from tests.test_export import shared_student
-from tests.test_predict import _fixed_affine, _phantom, _world
-from tools import import_nifti
+from ldr_tf import compare
+from ldr_tf.data import dataset
+from ldr_tf.ops.metrics import label_overlap
+from tests.helpers import fixed_affine, phantom, world_points
+from ldr_tf.data import importer as import_nifti
 
 SHAPE = (30, 34, 28)
 
@@ -19,9 +19,9 @@ SHAPE = (30, 34, 28)
 def brain_like(tmp_path_factory):
     """Three phantom subjects (shifted anatomy) imported at 32^3 with an atlas, like the IXI recipe."""
     root = tmp_path_factory.mktemp("cmp")
-    affine = _fixed_affine()
+    affine = fixed_affine()
     for i, shift in enumerate([(0, 0, 0), (3.0, -2.0, 1.5), (-2.5, 2.5, -1.0)]):
-        lab, img = _phantom(_world(affine, SHAPE) + np.array(shift))
+        lab, img = phantom(world_points(affine, SHAPE) + np.array(shift))
         (root / "img").mkdir(exist_ok=True)
         (root / "seg").mkdir(exist_ok=True)
         nib.save(nib.Nifti1Image(img, affine), str(root / "img" / f"s{i}.nii.gz"))
@@ -34,8 +34,8 @@ def brain_like(tmp_path_factory):
     return dataset.load_descriptor(out)
 
 
-def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, tmp_path_factory):
-    student = shared_student(tmp_path_factory)
+def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, shared_student):
+    student = shared_student
     subset = next(iter(brain_like.subsets))
     out = tmp_path / "cmp"
     res = compare.run(["identity", f"student={student['export']}"], brain_like, subset, out)

@@ -11,7 +11,7 @@ from ldr_tf import benchmark, cpu
 PROBE = """
 import os, sys
 import ldr_tf
-from ldr_tf import warp
+from ldr_tf.ops import warp
 import tensorflow as tf
 from tensorflow.python.util import _pywrap_util_port as p
 labels = tf.constant([[[[1, 2], [3, 4]], [[5, 6], [7, 8]]]], tf.int32)

@@ -9,12 +9,13 @@ import h5py
 import numpy as np
 import pytest
 
-from ldr_tf import evaluate, metrics
-from ldr_tf.dataset import load_descriptor
-from ldr_tf.pairs import make_pair_dataset
-from ldr_tf.registrar import open_registrar
-from ldr_tf.synthetic import ensure_demo_dataset
-from tests.test_export import ENV, REPO, SIZE, make_run, shared_student, student_network
+from ldr_tf import evaluate
+from ldr_tf.ops import metrics
+from ldr_tf.data.dataset import load_descriptor
+from ldr_tf.data.pairs import make_pair_dataset
+from ldr_tf.deploy.loader import open_registrar
+from ldr_tf.data.synthetic import ensure_demo_dataset
+from tests.helpers import ENV, REPO, SIZE, make_run, student_network
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def desc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return shared_student(tmp_path_factory)
+def student(shared_student):
+    return shared_student
 
 
 def _spacing(desc, key):

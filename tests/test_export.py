@@ -1,68 +1,22 @@
 """Export: SavedModel signatures equal the Keras model in a fresh process, the TF1 loader (saved_model_cli, like TF
 Serving) runs them, the XLA flag is honoured and recorded, the teacher exports too, outputs are installed atomically.
 
-`make_run` / `shared_student` are also used by test_predict, test_evaluate and test_serving (one export per session).
+The shared student export is the `shared_student` fixture of conftest.py (one export per test session).
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf import export, runs, warp
-from ldr_tf.atomic import write_json
-
-REPO = Path(__file__).resolve().parents[1]
-SIZE = 32
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-# The demo data's record: not a NIfTI recipe, so predict needs --preprocessing.
-SYNTHETIC_PREPROCESSING = {"kind": "synthetic", "modality": "mri", "intensity": "0..255 stored, /255 at read"}
-
-
-def student_network(size=SIZE, affine="none", cascades=1) -> dict:
-    from networks.cascade import CascadeConfig
-
-    return CascadeConfig(stem="ldr", cascades=cascades, affine=affine, image_size=(size,) * 3).to_dict()
-
-
-def make_run(run_dir, network: dict, model: str = "student", seed: int = 0, scale: float = 0.05,
-             preprocessing=None, dataset=None) -> Path:
-    """A training run directory (config.json + one checkpoint) holding random, non-trivial weights.
-
-    Every variable is drawn from N(0, scale^2) (biases too), so the flows are neither zero nor the identity-init
-    ones: what the export must reproduce is a generic network.
-    """
-    run_dir = Path(run_dir)
-    keras.utils.set_random_seed(seed)
-    net = runs.build_network(network)
-    rng = np.random.default_rng(seed)
-    for v in net.weights:
-        v.assign(rng.normal(0.0, scale, v.shape).astype(np.float32))
-    write_json({"train": {"model": model, "aldk": False}, "network": network,
-                      "preprocessing": preprocessing if preprocessing is not None else SYNTHETIC_PREPROCESSING,
-                      "dataset": dataset or {"path": "none"}}, run_dir / "config.json")
-    tf.train.Checkpoint(model=net).save(str(run_dir / runs.CHECKPOINT_DIR / "ckpt"))
-    return run_dir
-
-
-_SHARED = {}
-
-
-def shared_student(tmp_path_factory) -> dict:
-    """One 32^3 student run and its export (XLA sampler, the default), made once per test session."""
-    if "student" not in _SHARED:
-        root = tmp_path_factory.mktemp("shared_student")
-        run = make_run(root / "run", student_network())
-        out = export.export_run(run, root / "export", xla_warp=True)
-        _SHARED["student"] = {"run": run, "export": out, "root": root}
-    return _SHARED["student"]
-
+from ldr_tf.deploy import savedmodel
+from ldr_tf.training import checkpoints as runs
+from ldr_tf.ops import warp
+from tests.helpers import ENV, REPO, SIZE, make_run
 
 def _inputs(size=SIZE, batch=2, seed=0):
     rng = np.random.default_rng(seed)
@@ -84,8 +38,8 @@ def _keras_outputs(run_dir, fixed, moving, labels):
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    s = shared_student(tmp_path_factory)
+def student(shared_student):
+    s = shared_student
     fixed, moving, labels = _inputs()
     ref = _keras_outputs(s["run"], fixed, moving, labels)
     d = s["root"] / "arrays"
@@ -159,13 +113,13 @@ def test_fresh_process_matches_keras_for_both_signatures_and_exports(student, no
 
 
 def test_metadata_and_xla_choice_are_recorded_and_compiled_in(student, noxla_export):
-    meta = export.load_metadata(student["export"])
+    meta = savedmodel.load_metadata(student["export"])
     assert meta["image_size"] == [SIZE] * 3 and meta["model"] == "student" and meta["cascades"] == 1
     assert meta["trained_steps"] == 1 and meta["parameters"] > 1_000_000
     assert meta["preprocessing"]["kind"] == "synthetic"
     assert meta["xla_warp"] is True and meta["serving"]["xla_cpu_compilation_enabled"] is True
     assert _xla_functions(student["export"]), "the XLA export must hold XLA-compiled functions"
-    meta2 = export.load_metadata(noxla_export)
+    meta2 = savedmodel.load_metadata(noxla_export)
     assert meta2["xla_warp"] is False and not _xla_functions(noxla_export)
     # installed over the old folder: nothing of it is left, no temporary folder next to it, readable by others
     assert not (noxla_export / "stale.txt").exists()
@@ -207,8 +161,8 @@ def test_teacher_vtn_64_with_affine_exports_the_same_way(tmp_path):
 
     net = CascadeConfig(stem="vtn", cascades=1, affine="vtn", image_size=(64,) * 3, channels=4).to_dict()
     run = make_run(tmp_path / "teacher", net, model="teacher", seed=1, scale=0.02)
-    out = export.export_run(run, tmp_path / "export")
-    meta = export.load_metadata(out)
+    out = savedmodel.export_run(run, tmp_path / "export")
+    meta = savedmodel.load_metadata(out)
     assert meta["model"] == "teacher" and meta["network"]["stem"] == "vtn" and meta["image_size"] == [64] * 3
     fixed, moving, labels = _inputs(64, batch=1, seed=2)
     ref = _keras_outputs(run, fixed, moving, labels)
@@ -226,29 +180,29 @@ def test_existing_output_is_refused_before_restoring(student, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="already exists"):
-        export.export_run(student["run"], out)
+        savedmodel.export_run(student["run"], out)
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="no checkpoint|not a training run"):
-        export.export_run(tmp_path / "nothing", tmp_path / "x")
+        savedmodel.export_run(tmp_path / "nothing", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
 def test_load_metadata_errors(tmp_path):
     with pytest.raises(ValueError, match="not a SavedModel"):
-        export.load_metadata(tmp_path)
+        savedmodel.load_metadata(tmp_path)
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(ValueError, match="without ldr_tf_export.json"):
-        export.load_metadata(tmp_path)
+        savedmodel.load_metadata(tmp_path)
     (tmp_path / "ldr_tf_export.json").write_text("{oops")
     with pytest.raises(ValueError, match="unreadable export metadata"):
-        export.load_metadata(tmp_path)
+        savedmodel.load_metadata(tmp_path)
     (tmp_path / "ldr_tf_export.json").write_text(json.dumps({"image_size": [1, 2, 3]}))
-    assert export.load_metadata(tmp_path)["image_size"] == [1, 2, 3]
+    assert savedmodel.load_metadata(tmp_path)["image_size"] == [1, 2, 3]
 
 
 def test_bfloat16_export_is_close_to_float32(student, tmp_path):
-    out = export.export_run(student["run"], tmp_path / "bf16", bfloat16=True)
-    meta = export.load_metadata(out)
+    out = savedmodel.export_run(student["run"], tmp_path / "bf16", bfloat16=True)
+    meta = savedmodel.load_metadata(out)
     assert meta["network"]["compute_dtype"] == "bfloat16"
     loaded = tf.saved_model.load(str(out))
     args = {k: tf.constant(np.load(student["arrays"] / f"{k}.npy")) for k in ("fixed", "moving")}

@@ -1,4 +1,4 @@
-"""tools.import_nifti / import_ixi / import_ct / show_dataset, run in-process through their ``run(argv)``."""
+"""ldr_tf.data.importer / import_ixi / import_ct / show_dataset, run in-process through their ``run(argv)``."""
 
 import json
 
@@ -7,9 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ldr_tf import dataset
-from ldr_tf import preprocess as pp
-from tools import import_ct, import_ixi, import_nifti, show_dataset
+from ldr_tf.data import dataset
+from ldr_tf.data import preprocess as pp
+from tools import import_ct, show_dataset
+from ldr_tf.data import ixi as import_ixi, importer as import_nifti
 
 PSR = np.array([[0, 0, 2.0, -20], [-2.0, 0, 0, 30], [0, 2.0, 0, -10], [0, 0, 0, 1]])
 LAS = np.array([[-1.5, 0, 0, 12], [0, 1.0, 0, -7], [0, 0, 2.0, 3], [0, 0, 0, 1]])
@@ -300,7 +301,7 @@ def test_ixi_label_free_subject_to_subject(shared_data, tmp_path):
     assert desc.atlas is None
     spec = pp.Preprocessing.from_dict(desc.extra["preprocessing"])
     assert spec.crop == "foreground" and spec.spacing_mm == 8.0 and not spec.needs_labels  # 256 mm / 32
-    from ldr_tf.pairs import pairs_for
+    from ldr_tf.data.pairs import pairs_for
 
     assert sorted(pairs_for(desc, "train")) == sorted([(a, b) for a in desc.subsets["train"]
                                                        for b in desc.subsets["train"] if a != b])

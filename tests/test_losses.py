@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ldr_tf import losses as L
+from ldr_tf.ops import losses as L
 
 
 def test_correlation_identical_and_affine_related_images(rng):

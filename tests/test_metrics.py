@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ldr_tf import metrics as M
+from ldr_tf.ops import metrics as M
 
 
 def test_dice_jaccard_on_hand_made_boxes():

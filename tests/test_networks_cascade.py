@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf import losses, warp
+from ldr_tf.ops import losses, warp
 from networks.cascade import CascadeConfig, RecursiveCascade
 
 S = 64  # test volume size (VTN and the VTN affine stem need multiples of 64)
@@ -182,7 +182,7 @@ def test_checkpoint_save_restore_gives_identical_outputs(pair, kind, tmp_path):
 
 def test_export_round_trip_through_ldr_tf_export(tmp_path):
     """The project's exporter (not Keras alone) on a non-cubic-multiple-of-64 student: outputs equal the model's."""
-    from ldr_tf.export import export_model
+    from ldr_tf.deploy.savedmodel import export_model
 
     size = 48
     model = _cascade("student_lite", 2, size=size)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf import warp
+from ldr_tf.ops import warp
 from networks.cascade import CascadeConfig, RecursiveCascade
 
 S = 64
@@ -68,7 +68,7 @@ def test_size_rules():
 
 
 def test_export_round_trip(pair, tmp_path):
-    from ldr_tf.export import export_model
+    from ldr_tf.deploy.savedmodel import export_model
 
     model = _half(1)
     ref = model(pair[:1])

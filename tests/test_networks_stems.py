@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf import warp
+from ldr_tf.ops import warp
 from networks.affine import AffineLiteStem, AffineStem
 from networks.critic import Critic
 from networks.layers import check_divisible

@@ -1,4 +1,4 @@
-"""ldr_tf.nifti (checked loading, atomic saving) and ldr_tf.preprocess (spec, apply, Geometry)."""
+"""ldr_tf.data.nifti (checked loading, atomic saving) and ldr_tf.data.preprocess (spec, apply, Geometry)."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ldr_tf import nifti
-from ldr_tf import preprocess as pp
+from ldr_tf.data import nifti
+from ldr_tf.data import preprocess as pp
 
 # PSR like IXI: array axis 0 -> posterior (-y), axis 1 -> superior (+z), axis 2 -> right (+x); 2 mm voxels.
 PSR = np.array([[0, 0, 2.0, -20], [-2.0, 0, 0, 30], [0, 2.0, 0, -10], [0, 0, 0, 1]])

@@ -1,4 +1,4 @@
-"""ldr_tf.pairs: pairing rules, the pure-function-of-index stream, the tf.data pipeline and its error paths."""
+"""ldr_tf.data.pairs: pairing rules, the pure-function-of-index stream, the tf.data pipeline and its error paths."""
 
 from types import SimpleNamespace
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf import pairs as P
-from ldr_tf.augment import FFDParams
-from ldr_tf.dataset import DatasetError, Descriptor, H5Writer, load_descriptor, write_descriptor
+from ldr_tf.data import pairs as P
+from ldr_tf.data.augment import FFDParams
+from ldr_tf.data.dataset import DatasetError, Descriptor, H5Writer, load_descriptor, write_descriptor
 
 N = 16
 KEYS = ["s0", "s1", "s2", "s3", "s4"]

@@ -2,7 +2,6 @@
 timing split and Dice, CSV batches, and one-line errors that leave nothing behind."""
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -11,72 +10,15 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from ldr_tf import metrics, predict
-from ldr_tf.preprocess import Preprocessing, recipe
-from ldr_tf.registrar import open_registrar
-from tests.test_export import SIZE, shared_student
-
-# Both phantoms fill the same world box [-30, 30] x [-34, 34] x [-28, 28] mm, on different voxel grids.
-FIXED_SHAPE = (30, 34, 28)  # RAS, 2 mm
-MOVING_SHAPE = (40, 40, 40)  # before reorientation: 1.5 x 1.7 x 1.4 mm
-LABELS = (2, 17, 41)
-
-
-def _phantom(world):
-    """Labels and intensities (0..255) of an analytic head-like phantom at world points ``[..., 3]`` (mm)."""
-    x, y, z = world[..., 0], world[..., 1], world[..., 2]
-    lab = np.zeros(world.shape[:-1], np.int16)
-    body = (x / 26) ** 2 + (y / 30) ** 2 + (z / 24) ** 2 < 1
-    lab[body] = 2
-    lab[((x - 6) / 9) ** 2 + ((y + 4) / 12) ** 2 + ((z - 3) / 8) ** 2 < 1] = 17
-    lab[((x + 10) / 7) ** 2 + ((y - 9) / 8) ** 2 + ((z + 5) / 9) ** 2 < 1] = 41
-    img = np.where(body, 80.0 + 0.8 * y + 0.5 * z, 5.0)
-    img = img + np.where(lab == 17, 90.0, 0.0) + np.where(lab == 41, 45.0, 0.0)
-    return lab, img.astype(np.float32)
-
-
-def _world(affine, shape):
-    idx = np.moveaxis(np.indices(shape, dtype=np.float64), 0, -1)
-    return idx @ affine[:3, :3].T + affine[:3, 3]
-
-
-def _fixed_affine():
-    a = np.diag([2.0, 2.0, 2.0, 1.0])
-    a[:3, 3] = [-29.0, -33.0, -27.0]
-    return a
-
-
-def _moving_affine():
-    """Array axes (S, L, P): axis 0 runs up (z, 1.4 mm), axis 1 to the left (-x, 1.5 mm), axis 2 back (-y, 1.7)."""
-    a = np.zeros((4, 4))
-    a[2, 0] = 1.4
-    a[0, 1] = -1.5
-    a[1, 2] = -1.7
-    a[3, 3] = 1.0
-    a[:3, 3] = [30.0 - 0.75, 34.0 - 0.85, -28.0 + 0.7]
-    return a
-
-
-def _save(path, data, affine):
-    nib.save(nib.Nifti1Image(data, affine), str(path))
-    return str(path)
-
+from ldr_tf.ops import metrics
+from ldr_tf import predict
+from ldr_tf.data.preprocess import Preprocessing, recipe
+from ldr_tf.deploy.loader import open_registrar
+from tests.helpers import FIXED_SHAPE, MOVING_SHAPE, SIZE, fixed_affine, save_nifti
 
 @pytest.fixture(scope="module")
-def scans(tmp_path_factory):
-    d = tmp_path_factory.mktemp("nifti")
-    fa, ma = _fixed_affine(), _moving_affine()
-    m_shape = (MOVING_SHAPE[2], MOVING_SHAPE[0], MOVING_SHAPE[1])
-    f_lab, f_img = _phantom(_world(fa, FIXED_SHAPE))
-    m_lab, m_img = _phantom(_world(ma, m_shape) + np.array([2.0, -1.5, 1.0]))  # a shifted subject
-    return {"fixed": _save(d / "f.nii.gz", f_img, fa), "fixed_seg": _save(d / "f_seg.nii.gz", f_lab, fa),
-            "moving": _save(d / "m.nii.gz", m_img, ma), "moving_seg": _save(d / "m_seg.nii.gz", m_lab, ma),
-            "dir": d}
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return shared_student(tmp_path_factory)
+def student(shared_student):
+    return shared_student
 
 
 def _args(student, scans, out_dir, *extra, segs=True):
@@ -242,13 +184,13 @@ def test_bad_input_one_line_exit_1_and_nothing_left(case, student, scans, plain_
         culprit = str(d / "nope.nii.gz")
         args[3] = f"--moving={culprit}"
     elif case == "4d":
-        culprit = _save(d / "m4.nii.gz", np.ones((8, 8, 8, 2), np.float32), np.eye(4))
+        culprit = save_nifti(d / "m4.nii.gz", np.ones((8, 8, 8, 2), np.float32), np.eye(4))
         args[3] = f"--moving={culprit}"
         args = args[:6]
     elif case == "nan":
         data = np.asarray(nib.load(scans["fixed"]).dataobj).copy()
         data[3, 3, 3] = np.nan
-        culprit = _save(d / "fnan.nii.gz", data, _fixed_affine())
+        culprit = save_nifti(d / "fnan.nii.gz", data, fixed_affine())
         args[2] = f"--fixed={culprit}"
     elif case == "plain_module":
         culprit = "lacks the signature(s) register, register_labels"
@@ -273,11 +215,11 @@ def test_bad_input_one_line_exit_1_and_nothing_left(case, student, scans, plain_
         args[5] = "--preprocessing=auto"
         culprit = "--preprocessing=liver|brain|brain-head|none or a spec .json"
     elif case == "label_grid":
-        culprit = _save(d / "seg_other.nii.gz", np.ones((8, 8, 8), np.int16), np.eye(4))
+        culprit = save_nifti(d / "seg_other.nii.gz", np.ones((8, 8, 8), np.int16), np.eye(4))
         args[6] = f"--moving_seg={culprit}"
         culprit += f": label map is on a different grid than its image ({scans['moving']})"
     elif case == "constant":
-        culprit = _save(d / "zeros.nii.gz", np.zeros(nib.load(scans["fixed"]).shape, np.float32), _fixed_affine())
+        culprit = save_nifti(d / "zeros.nii.gz", np.zeros(nib.load(scans["fixed"]).shape, np.float32), fixed_affine())
         args[2] = f"--fixed={culprit}"
         args[5] = "--preprocessing=brain"  # percentile normalisation
         culprit += ": intensity percentiles"
@@ -339,7 +281,7 @@ def test_cli_subprocess_exit_code(student, scans, tmp_path):
     import subprocess
     import sys
 
-    from tests.test_export import ENV, REPO
+    from tests.helpers import ENV, REPO
 
     r = subprocess.run([sys.executable, "-m", "ldr_tf.predict", f"--model={student['export']}",
                         f"--fixed={scans['fixed']}", f"--moving={tmp_path / 'missing.nii.gz'}",

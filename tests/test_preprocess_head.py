@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ldr_tf import preprocess as pp
+from ldr_tf.data import preprocess as pp
 
 
 def _head(shape=(60, 70, 50), centre=(28, 36, 22), radii=(18, 22, 15), seed=0):

@@ -54,7 +54,7 @@ def test_shipped_model_is_label_free_and_documented(name):
 def test_shipped_model_runs_on_a_small_pair(name):
     """The model loads by name and gives a finite, modest flow on a pair on its grid; the same input twice gives the
     same output."""
-    from ldr_tf.registrar import open_registrar
+    from ldr_tf.deploy.loader import open_registrar
 
     reg = open_registrar(name)
     d, h, w = reg.image_size

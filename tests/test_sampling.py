@@ -1,11 +1,11 @@
-"""`ldr_tf.sampling`: affine resampling and pull-back onto a scan's grid, against SciPy and float64 NumPy."""
+"""`ldr_tf.ops.sampling`: affine resampling and pull-back onto a scan's grid, against SciPy and float64 NumPy."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from ldr_tf import sampling, warp
-from ldr_tf.preprocess import Geometry
+from ldr_tf.ops import sampling, warp
+from ldr_tf.data.preprocess import Geometry
 
 
 def _matrix(rng, scale=(1.3, 0.8, 1.1)):

@@ -15,9 +15,8 @@ pytest.importorskip("tensorflow_serving.apis.prediction_service_pb2_grpc")
 grpc = pytest.importorskip("grpc")
 
 from ldr_tf import predict  # noqa: E402
-from ldr_tf.registrar import open_registrar  # noqa: E402
-from tests.test_export import ENV, REPO, SIZE, shared_student  # noqa: E402
-from tests.test_predict import scans  # noqa: E402,F401  (module fixture: the NIfTI phantom pair)
+from ldr_tf.deploy.loader import open_registrar  # noqa: E402
+from tests.helpers import ENV, REPO, SIZE  # noqa: E402
 from tools.serving import client  # noqa: E402
 from tools.serving.standin import StandinServer  # noqa: E402
 
@@ -26,8 +25,8 @@ OUTPUT_FILES = ("warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii.gz")
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return shared_student(tmp_path_factory)
+def student(shared_student):
+    return shared_student
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""ldr_tf.synthetic: deterministic procedural demo datasets (small sizes here; defaults are 64^3)."""
+"""ldr_tf.data.synthetic: deterministic procedural demo datasets (small sizes here; defaults are 64^3)."""
 
 import hashlib
 import os
@@ -7,10 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
-from ldr_tf import pairs as P
-from ldr_tf import synthetic as S
-from ldr_tf.dataset import load_descriptor
-from ldr_tf.metrics import label_overlap
+from ldr_tf.data import pairs as P
+from ldr_tf.data import synthetic as S
+from ldr_tf.data.dataset import load_descriptor
+from ldr_tf.ops.metrics import label_overlap
 
 SIZE = 32
 SUBJECTS = 4

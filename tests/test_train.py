@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf import aldk
-from ldr_tf.config import TrainConfig
-from ldr_tf.dataset import load_descriptor
-from ldr_tf.synthetic import ensure_demo_dataset
+from ldr_tf.training import aldk
+from ldr_tf.training.config import TrainConfig
+from ldr_tf.data.dataset import load_descriptor
+from ldr_tf.data.synthetic import ensure_demo_dataset
 from ldr_tf.train import network_config
-from ldr_tf.trainer import Trainer, TrainingDiverged
+from ldr_tf.training.trainer import Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -215,8 +215,8 @@ def test_two_workers_on_localhost(tmp_path, data_dir):
 
 def test_teacher_cache_holds_the_teachers_flows_and_trains_a_student(tmp_path, data_dir, teacher_run):
     from ldr_tf import distill
-    from ldr_tf import teacher as teacher_lib
-    from ldr_tf.pairs import make_pair_dataset, pairs_for
+    from ldr_tf.training import teacher_flows as teacher_lib
+    from ldr_tf.data.pairs import make_pair_dataset, pairs_for
 
     desc = load_descriptor(Path(data_dir) / "demo.json")
     out = tmp_path / "flows.h5"
@@ -245,8 +245,8 @@ def test_teacher_cache_holds_the_teachers_flows_and_trains_a_student(tmp_path, d
 
 
 def test_map_to_augmented_registers_the_augmented_pair():
-    from ldr_tf import warp
-    from ldr_tf.teacher import map_to_augmented
+    from ldr_tf.ops import warp
+    from ldr_tf.training.teacher_flows import map_to_augmented
 
     n = 24
     z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32),) * 3, indexing="ij")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ldr_tf.config import TrainConfig
-from ldr_tf.trainer import student_loss
+from ldr_tf.training.config import TrainConfig
+from ldr_tf.training.trainer import student_loss
 
 
 @pytest.mark.parametrize("gamma", [0.3, 0.9, 1.0])

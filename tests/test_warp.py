@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 from scipy.ndimage import map_coordinates
 
-from ldr_tf import warp as W
+from ldr_tf.ops import warp as W
 
 
 @pytest.fixture(params=[True, False], ids=["xla", "gather"])

@@ -1,10 +1,10 @@
-"""ldr_tf.warp.invert_flow: fixed-point inverse of a displacement field."""
+"""ldr_tf.ops.warp.invert_flow: fixed-point inverse of a displacement field."""
 
 import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates
 
-from ldr_tf import warp as W
+from ldr_tf.ops import warp as W
 
 
 def _grid(shape):

@@ -28,10 +28,10 @@ import nibabel as nib
 import numpy as np
 
 from flags import import_flags
-from ldr_tf import dataset, nifti
-from ldr_tf import preprocess as pp
-from tools import import_nifti as imp
-from tools.import_ixi import DEFAULT_SHARED_DATA
+from ldr_tf.data import dataset, nifti
+from ldr_tf.data import preprocess as pp
+from ldr_tf.data import importer as imp
+from ldr_tf.data.ixi import DEFAULT_SHARED_DATA
 
 __all__ = ["SLABS", "ct_spec", "load_slab", "check_liver_hu", "main", "run"]
 

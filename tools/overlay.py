@@ -89,7 +89,7 @@ def render(fixed, moving, warped, out, fixed_seg=None, moving_seg=None, warped_s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ldr_tf import nifti
+    from ldr_tf.data import nifti
 
     if axis not in (0, 1, 2):
         raise ValueError(f"--axis: expected 0, 1 or 2, got {axis}")
@@ -146,14 +146,14 @@ def render(fixed, moving, warped, out, fixed_seg=None, moving_seg=None, warped_s
     fig.suptitle(f"slice {index} across axis {axis} of the fixed grid {tuple(shape)}; solid = fixed labels, "
                  f"dashed = the panel's own labels", fontsize=9)
     fig.tight_layout()
-    from tools.figures import save_figure
+    from ldr_tf.figures import save_figure
 
     save_figure(fig, out, dpi=dpi)
     return {"axis": axis, "slice": index, "labels": labels}
 
 
 def _main(fv) -> int:
-    from ldr_tf import nifti
+    from ldr_tf.data import nifti
 
     for name in ("fixed", "moving", "warped", "out"):
         if not getattr(fv, name):

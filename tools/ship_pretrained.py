@@ -11,7 +11,6 @@ object: ``summary``, ``data``, ``training``, ``scores``, ``intended_use``, ``lim
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,20 +27,21 @@ def folder_mb(path: Path) -> float:
 
 
 def ship(run: str, name: str, card: dict, step: int | None = None) -> Path:
-    from ldr_tf import export, pretrained
+    from ldr_tf import pretrained
+    from ldr_tf.deploy import savedmodel
     from ldr_tf.atomic import write_json
 
     if name not in pretrained.MODELS:
         raise ValueError(f"--name: expected one of {', '.join(pretrained.MODELS)}, got {name!r}")
     dest = pretrained.folder(name)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
-        out = export.export_run(run, Path(tmp) / "model", step=step)
-        meta = export.load_metadata(out)
+        out = savedmodel.export_run(run, Path(tmp) / "model", step=step)
+        meta = savedmodel.load_metadata(out)
         meta["checkpoint"] = Path(meta["checkpoint"]).name
         if isinstance(meta.get("training_data"), str):
             meta["training_data"] = Path(meta["training_data"]).name
         meta["card"] = card
-        write_json(meta, out / export.METADATA)
+        write_json(meta, out / savedmodel.METADATA)
         others = sum(folder_mb(p) for n, p in pretrained.installed().items() if n != name)
         total = others + folder_mb(out)
         if total > LIMIT_MB:

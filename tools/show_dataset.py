@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from flags import import_flags
-from ldr_tf import dataset
-from tools import import_nifti as imp
+from ldr_tf.data import dataset
+from ldr_tf.data import importer as imp
 
 __all__ = ["pick_keys", "render", "main", "run"]
 
@@ -86,7 +86,7 @@ def render(desc: dataset.Descriptor, keys: list, out, physical_aspect: bool = Tr
             ax.tick_params(labelsize=6)
     fig.suptitle(f"{desc.path.name}: grid {tuple(desc.image_size)}, image_type {desc.image_type}", fontsize=9)
     fig.tight_layout()
-    from tools.figures import save_figure
+    from ldr_tf.figures import save_figure
 
     return save_figure(fig, out, dpi=dpi)
 

@@ -3,7 +3,7 @@
 Stages (``--stages``, all by default; each one resumes or skips what is already done, so the recipe can be run in
 pieces, interrupted with Ctrl-C and started again):
 
-1. ``import``: ``tools.import_ixi``: the 150 IXI T1 scans + 148-label DLMUSE maps -> ``brain.json`` + HDF5 at
+1. ``import``: ``ldr_tf.data.ixi``: the 150 IXI T1 scans + 148-label DLMUSE maps -> ``brain.json`` + HDF5 at
    ``--grid``^3, split by subject 110 / 10 / 30 (train / val / test). ``--mode=subject`` (default): label-free
    preprocessing (the head found from intensities, ``--spacing_mm`` isotropic voxels centred on it: what predict
    repeats on any new scan) and subject-to-subject pairs (every ordered pair of training subjects; the comparison
@@ -28,7 +28,7 @@ from absl import flags
 
 from flags import common_flags
 from ldr_tf import cli
-from ldr_tf.config import TrainConfig
+from ldr_tf.training.config import TrainConfig
 
 FLAGS = flags.FLAGS
 STAGES = ("import", "teacher", "student", "student_noaldk", "export", "compare")
@@ -90,7 +90,7 @@ def main(argv):
     runs, models = work / "runs", work / "models"
     dataset = data_dir / "brain.json"
     if "import" in FLAGS.stages and not dataset.is_file():
-        from tools import import_ixi
+        from ldr_tf.data import ixi as import_ixi
 
         args = ["import_ixi", f"--data_dir={data_dir}", f"--grid_size={FLAGS.grid}"]
         if FLAGS.mode == "subject":
@@ -122,10 +122,10 @@ def main(argv):
             print(f"\n=== {stage} ===", flush=True)
             _train(configs[stage])
     if "export" in FLAGS.stages:
-        from ldr_tf import export
+        from ldr_tf.deploy import savedmodel
 
         for name in configs:
-            out = export.export_run(runs / name, models / name, overwrite=True)
+            out = savedmodel.export_run(runs / name, models / name, overwrite=True)
             print(f"exported {out}")
     if "compare" in FLAGS.stages:
         import sys
@@ -149,7 +149,7 @@ def main(argv):
             methods.append("ants_syn=ants:SyN")
         elif FLAGS.ants:
             print("antspyx is not installed: ANTs SyN is left out (pip install '.[peers]')", file=sys.stderr)
-        from ldr_tf.dataset import load_descriptor
+        from ldr_tf.data.dataset import load_descriptor
 
         desc = load_descriptor(dataset)
         compare.run(methods, desc, "test", work / "compare" / "brain_test", FLAGS.max_pairs, FLAGS.threads or 2,

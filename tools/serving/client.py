@@ -134,7 +134,7 @@ def grpc_channel_options(max_message_mb: int = 1024) -> list:
 
 
 class RemoteRegistrar:
-    """The `ldr_tf.registrar.Registrar` interface over a TF Serving model (for `ldr_tf.predict.Predictor`).
+    """The `ldr_tf.deploy.loader.Registrar` interface over a TF Serving model (for `ldr_tf.predict.Predictor`).
 
     Args:
       server: ``host:port`` (gRPC port for ``"grpc"``, REST port for ``"rest"``).
@@ -181,7 +181,7 @@ class RemoteRegistrar:
             raise ValueError(f"{name}: expected [B, {', '.join(map(str, self.image_size))}, 1], got shape {shape}")
 
     def __call__(self, fixed, moving, moving_labels=None) -> dict:
-        """Same contract as `ldr_tf.registrar.Registrar.__call__` (numpy in, numpy out)."""
+        """Same contract as `ldr_tf.deploy.loader.Registrar.__call__` (numpy in, numpy out)."""
         self._check("fixed", fixed)
         self._check("moving", moving)
         inputs = {"fixed": np.asarray(fixed, np.float32), "moving": np.asarray(moving, np.float32)}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from ldr_tf import warp
+from ldr_tf.ops import warp
 
 __all__ = ["pair_key", "TeacherCache", "load_registration_fn", "map_to_augmented"]
 
@@ -103,7 +103,7 @@ def load_registration_fn(path: str | os.PathLike, trainable: bool = False):
         size = tuple(shape[1:4]) if None not in shape[1:4] else None
         fn.keepalive = loaded
         return fn, {"kind": "saved_model", "image_size": size}
-    from ldr_tf import runs
+    from ldr_tf.training import checkpoints as runs
 
     model, run_cfg = runs.restore_model(path)
     model.trainable = trainable

@@ -10,7 +10,7 @@ conversion) and checks what the rest of ldr-tf assumes about an image or a label
 * labels: every value is integer-valued and at least one voxel is non-zero;
 * labels given ``like=image``: same shape and the same affine (within `atol` mm) as the image.
 
-Every failure raises `NiftiError` (a `ldr_tf.dataset.DatasetError`, hence a `ValueError`) with a one-line message
+Every failure raises `NiftiError` (a `ldr_tf.data.dataset.DatasetError`, hence a `ValueError`) with a one-line message
 ``"<path>: <what is wrong>"``. `save` writes atomically (temporary file in the same folder, then `os.replace`).
 """
 
@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from ldr_tf.atomic import atomic_path
-from ldr_tf.dataset import DatasetError
+from ldr_tf.data.dataset import DatasetError
 
 __all__ = ["NiftiError", "load", "check_same_grid", "save", "axcodes", "NIFTI_SUFFIXES"]
 

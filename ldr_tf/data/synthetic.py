@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldr_tf.dataset import DatasetError, Descriptor, H5Writer, default_data_dir, load_descriptor, write_descriptor
+from ldr_tf.data.dataset import DatasetError, Descriptor, H5Writer, default_data_dir, load_descriptor, write_descriptor
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -678,7 +678,7 @@ def ensure_demo_dataset(name: str = "demo", data_dir=None, size=64, subjects: in
 
     Args:
       name: ``"demo"`` (CT, all ordered pairs) or ``"demo-brain"`` (MRI, atlas-based).
-      data_dir: default `ldr_tf.dataset.default_data_dir()`.
+      data_dir: default `ldr_tf.data.dataset.default_data_dir()`.
       size: grid (int or ``(D, H, W)``); subjects: default 24; seed: generation seed.
       progress: show a progress bar while generating.
 

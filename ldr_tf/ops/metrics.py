@@ -1,7 +1,7 @@
 """Evaluation metrics in NumPy (float64 where it matters).
 
 Label maps are integer arrays on one grid; the score of a pair is the unweighted mean over the labels present
-in the **fixed** segmentation (background 0 excluded unless asked for). Flows follow `ldr_tf.warp`'s convention
+in the **fixed** segmentation (background 0 excluded unless asked for). Flows follow `ldr_tf.ops.warp`'s convention
 (``[D, H, W, 3]`` in voxels, channel c along axis c).
 """
 
@@ -102,7 +102,7 @@ def landmark_distance(fixed_points, moving_points, displacement, spacing=None) -
     """Distance between moved fixed landmarks and the moving landmarks.
 
     A fixed landmark ``p`` is mapped to ``p + u(p)`` (`displacement`, the flow sampled at the fixed
-    landmarks, e.g. by `ldr_tf.warp.sample_points`), and compared with its moving counterpart.
+    landmarks, e.g. by `ldr_tf.ops.warp.sample_points`), and compared with its moving counterpart.
     Landmarks with any coordinate equal to -1 on either side are missing and skipped.
 
     Args:

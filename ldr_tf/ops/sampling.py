@@ -4,12 +4,12 @@ Everything that moves data between a NIfTI scan's voxel grid and the network gri
 
 * `sample_affine` samples a volume at ``matrix @ (i, j, k, 1)`` for every voxel ``(i, j, k)`` of an output grid
   (trilinear for images, label vote or nearest for label maps; outside the volume: `fill`). Preprocessing
-  (scan -> network grid) and `ldr_tf.preprocess.Geometry.to_original` (network grid -> scan) use it.
+  (scan -> network grid) and `ldr_tf.data.preprocess.Geometry.to_original` (network grid -> scan) use it.
 * `pull_back` takes a network-grid flow of a registered pair back to the fixed scan's own voxels: at every fixed
   voxel ``p`` the moving voxel it corresponds to, ``q = M_moving (g + u(g))`` with ``g = M_fixed^-1 p``, and, in
   the same pass, the moving scan and its labels sampled at ``q`` (the warped outputs of ``ldr_tf.predict``) and the
-  displacement in world millimetres. The conventions are those of `ldr_tf.preprocess` (``M`` = grid voxel ->
-  source voxel) and `ldr_tf.warp` (pull: ``warped(p) = moving(p + d(p))``).
+  displacement in world millimetres. The conventions are those of `ldr_tf.data.preprocess` (``M`` = grid voxel ->
+  source voxel) and `ldr_tf.ops.warp` (pull: ``warped(p) = moving(p + d(p))``).
 
 Coordinates are generated inside the compiled function from the matrices (no coordinate arrays in NumPy), in
 float32: positions up to a few hundred voxels are exact to about 1e-4 voxel. The output grid is processed in slabs
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from ldr_tf import warp
+from ldr_tf.ops import warp
 
 __all__ = ["sample_affine", "pull_back", "compile_pull_back", "sample_points", "CHUNK_VOXELS"]
 
@@ -82,7 +82,7 @@ def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_v
       matrix: 4x4, output voxel -> voxel of `volume`.
       out_shape: output grid ``(D, H, W)``.
       mode: ``"linear"`` (trilinear, float32 out), ``"labels"`` (label vote: the label with the largest trilinear
-        weight, `ldr_tf.warp.warp_labels`; int32 out) or ``"nearest"`` (int32 out).
+        weight, `ldr_tf.ops.warp.warp_labels`; int32 out) or ``"nearest"`` (int32 out).
       fill: value where the position is more than half a voxel outside `volume`.
       max_voxels: slab size (output voxels per compiled call).
 
@@ -149,7 +149,7 @@ def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, la
     """A network-grid registration result on the fixed scan's own voxel grid.
 
     Args:
-      fixed, moving: `ldr_tf.preprocess.Geometry` of the fixed and the moving scan (``moving`` None: the same
+      fixed, moving: `ldr_tf.data.preprocess.Geometry` of the fixed and the moving scan (``moving`` None: the same
         geometry as ``fixed``, e.g. an atlas-space dataset).
       flow: ``[D, H, W, 3]`` (or ``[1, D, H, W, 3]``) displacement in voxels of the fixed network grid, pull.
       image: optional moving scan ``[X', Y', Z']`` (any float data) to warp onto the fixed grid.

@@ -17,13 +17,13 @@ interpolation (no intermediate reoriented or cropped copies)::
   some scan beyond the box, and zero padding only where the grid leaves the scan. Voxel edges are aligned: an extent
   of ``E`` source voxels fills ``G`` grid voxels exactly, grid voxel ``g`` sits at ``lo - 0.5 + (g + 0.5) E / G``.
 
-Images are sampled trilinearly (`ldr_tf.warp.resample`), labels by nearest neighbour (or label-aware linear,
-`ldr_tf.warp.warp_labels`), then intensities are normalised to 0..255 (uint8): CT window/level, MRI percentiles or
+Images are sampled trilinearly (`ldr_tf.ops.warp.resample`), labels by nearest neighbour (or label-aware linear,
+`ldr_tf.ops.warp.warp_labels`), then intensities are normalised to 0..255 (uint8): CT window/level, MRI percentiles or
 none. `Geometry` keeps ``M``, the source shape and affine, so predictions can be mapped back to the scan.
 
 Displacement fields in millimetres (`Geometry.flow_to_original`)
 ----------------------------------------------------------------
-A grid flow ``u`` (voxels of the fixed grid, `ldr_tf.warp` convention: ``warped(x) = moving(x + u(x))``) becomes,
+A grid flow ``u`` (voxels of the fixed grid, `ldr_tf.ops.warp` convention: ``warped(x) = moving(x + u(x))``) becomes,
 at every voxel ``p`` of the fixed scan, the displacement to the corresponding point of the moving scan:
 
 * ``mm``: ``world_moving(g + u(g)) - world_fixed(p)`` with ``g = M^-1 p``, in the NIfTI world frame (RAS+, mm);
@@ -311,7 +311,7 @@ class Geometry:
             raise ValueError(f"geometry: missing key {e}") from None
 
     def to_attrs(self) -> dict:
-        """HDF5 attributes (the `ldr_tf.dataset` names ``affine``, ``spacing``, ``source_shape``,
+        """HDF5 attributes (the `ldr_tf.data.dataset` names ``affine``, ``spacing``, ``source_shape``,
         ``source_affine`` plus ``grid_to_source`` and ``grid_shape``)."""
         d = self.to_dict()
         return {k: np.asarray(v, np.int64 if k.endswith("shape") else np.float64) for k, v in d.items()}
@@ -356,7 +356,7 @@ class Geometry:
             raise ValueError(f"order: expected 'linear' or 'nearest', got {order!r}")
         if order == "nearest" and vol.dtype.kind not in "iub":
             raise ValueError(f"volume: order='nearest' is for integer label maps, got dtype {vol.dtype}")
-        from ldr_tf.sampling import sample_affine  # noqa: PLC0415  (TensorFlow only when needed)
+        from ldr_tf.ops.sampling import sample_affine  # noqa: PLC0415  (TensorFlow only when needed)
 
         mode = "linear" if order == "linear" else "nearest"
         return sample_affine(vol, self.source_to_grid, self.source_shape, mode=mode, fill=fill)
@@ -376,7 +376,7 @@ class Geometry:
           and ``mm = world_moving(g + u(g)) - world_fixed(p)`` in RAS+ mm (`ras_to_lps` for ITK/ANTs). Outside the
           grid's field of view the flow is extended from its border (the sampler clamps).
         """
-        from ldr_tf.sampling import pull_back  # noqa: PLC0415  (TensorFlow only when needed)
+        from ldr_tf.ops.sampling import pull_back  # noqa: PLC0415  (TensorFlow only when needed)
 
         out = pull_back(self, moving, flow, mm=True)
         return out["vox"], out["mm"]
@@ -565,7 +565,7 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, 
 
     Args:
       spec: the `Preprocessing`.
-      image: nibabel image (3-D; use `ldr_tf.nifti.load` for checked input).
+      image: nibabel image (3-D; use `ldr_tf.data.nifti.load` for checked input).
       labels: optional nibabel label map on the image's grid (integer-valued).
       points: optional ``[P, 3]`` landmarks in source voxel coordinates (NIfTI array indices); rows of -1 are
         missing and stay -1.
@@ -580,8 +580,8 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, 
     Raises:
       ValueError: one line, e.g. labels on another grid, nothing to crop to, a constant image.
     """
-    from ldr_tf.nifti import check_same_grid, source_name  # noqa: PLC0415
-    from ldr_tf.sampling import sample_affine  # noqa: PLC0415
+    from ldr_tf.data.nifti import check_same_grid, source_name  # noqa: PLC0415
+    from ldr_tf.ops.sampling import sample_affine  # noqa: PLC0415
 
     data = _data3d(image, "image").astype(np.float32, copy=False)
     affine = np.asarray(image.affine, np.float64)
@@ -615,7 +615,7 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, 
     geom = Geometry(m, spec.grid_size, shape, affine)
 
     # The grid's positions in the source are an affine function of the grid index: their box comes from the 8
-    # corners, and the samplers compute them in their compiled loop (ldr_tf.sampling).
+    # corners, and the samplers compute them in their compiled loop (ldr_tf.ops.sampling).
     corners = np.array([[a, b, c] for a in (0, spec.grid_size[0] - 1) for b in (0, spec.grid_size[1] - 1)
                         for c in (0, spec.grid_size[2] - 1)], np.float64)
     pos = _apply_h(m, corners)

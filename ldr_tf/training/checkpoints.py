@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from ldr_tf.config import load_run_config
+from ldr_tf.training.config import load_run_config
 
 __all__ = ["CHECKPOINT_DIR", "build_network", "restore_model", "latest_checkpoint"]
 

@@ -51,8 +51,8 @@ DATA_DIR_ENV = "LDR_TF_DATA_DIR"
 BUILTIN = {
     "liver": "tools: python -m tools.import_nifti --recipe=liver (see README 'Data')",
     "brain": "python -m tools.import_ixi (the IXI recipe) or python -m tools.import_nifti --recipe=brain",
-    "demo": "generated automatically on first use (ldr_tf.synthetic)",
-    "demo-brain": "generated automatically on first use (ldr_tf.synthetic)",
+    "demo": "generated automatically on first use (ldr_tf.data.synthetic)",
+    "demo-brain": "generated automatically on first use (ldr_tf.data.synthetic)",
 }
 
 
@@ -71,7 +71,7 @@ def resolve_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Pat
 
     ``liver``/``brain``/``demo``/``demo-brain`` (or any bare name) mean ``<data_dir>/<name>.json``; anything ending in
     ``.json`` or containing a path separator is a path. Raises `DatasetError` saying where it looked and which
-    tool builds the dataset. The synthetic ``demo`` datasets are built by `ldr_tf.synthetic.ensure_demo_dataset`,
+    tool builds the dataset. The synthetic ``demo`` datasets are built by `ldr_tf.data.synthetic.ensure_demo_dataset`,
     which callers invoke before this when they want on-demand generation.
     """
     if not name:

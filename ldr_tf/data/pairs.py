@@ -56,9 +56,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from ldr_tf import augment as aug_ops
-from ldr_tf import warp as warp_ops
-from ldr_tf.dataset import DatasetError, Descriptor, load_descriptor, read_subject
+from ldr_tf.data import augment as aug_ops
+from ldr_tf.ops import warp as warp_ops
+from ldr_tf.data.dataset import DatasetError, Descriptor, load_descriptor, read_subject
 
 __all__ = [
     "SPLIT_ALIASES",
@@ -413,13 +413,13 @@ def make_pair_dataset(desc, split: str, batch_size: int, seed: int = 0, augment=
       split: scheme name (``"1"``/``"train"``, ``"2"``/``"val"``, named schemes) or subset name.
       batch_size: batch size of this dataset (per replica when an `input_context` is given).
       seed: non-negative integer; drives the per-epoch permutations and the augmentation.
-      augment: True (default `ldr_tf.augment.FFDParams`), an `FFDParams`, or False/None.
+      augment: True (default `ldr_tf.data.augment.FFDParams`), an `FFDParams`, or False/None.
       shuffle, repeat: training: both True; evaluation: ``shuffle=False, repeat=False, augment=False`` yields every
         pair once in a fixed order (last batch may be smaller).
       start_step: skip this many batches, or training steps with an `input_context` (exact resume).
       input_context: optional ``tf.distribute.InputContext``: this pipeline yields its shard (module doc).
       image_size: optional ``(D, H, W)`` network grid; when it differs from the descriptor's, every volume is
-        resampled (images trilinear, labels by `ldr_tf.warp.warp_labels`, points rescaled) before augmentation.
+        resampled (images trilinear, labels by `ldr_tf.ops.warp.warp_labels`, points rescaled) before augmentation.
       paired: neighbour pairing instead of all ordered pairs.
       num_points: landmarks per subject (padded with -1 / truncated).
       num_parallel_calls: parallel reads/augmentations (default ``tf.data.AUTOTUNE``); order stays deterministic.

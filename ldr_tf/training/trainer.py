@@ -4,14 +4,14 @@ One ``tf.function`` step per student/teacher update, run through ``strategy.run`
 default strategy, ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy``; Python does checkpoints, validation,
 summaries and the progress bar between steps.
 
-Losses (per sample, then summed over the batch as in the reference; see `ldr_tf.losses`):
+Losses (per sample, then summed over the batch as in the reference; see `ldr_tf.ops.losses`):
 
 * teacher / student without ALDK: ``L_u = l_rec + reg_weight * sum_k smooth(u_k) + affine_weight * (det + ortho)
   [+ seg_weight * l_seg]``;
 * student with ALDK: ``gamma * L_u + (1 - gamma) * l_dis`` (one gamma for the whole unsupervised loss, as the
   released code: the reconstruction and the regularisers keep the same ratio as without ALDK, so the ablation
   changes one thing), then after every ``critic_every``-th student update, ``critic_steps`` critic updates on the
-  flows of that same batch (`ldr_tf.aldk`).
+  flows of that same batch (`ldr_tf.training.aldk`).
 
 Every student given a teacher (``--teacher``/``--teacher_cache``, with or without ALDK) logs ``flow_gap``, the RMS
 distance in voxels between its total flow and the teacher's for the same pair.
@@ -32,12 +32,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ldr_tf import aldk, losses, metrics
-from ldr_tf import teacher as teacher_lib
-from ldr_tf import warp as warp_ops
-from ldr_tf.config import TrainConfig
+from ldr_tf.training import aldk
+from ldr_tf.ops import losses, metrics
+from ldr_tf.training import teacher_flows as teacher_lib
+from ldr_tf.ops import warp as warp_ops
+from ldr_tf.training.config import TrainConfig
 from ldr_tf.progress import Progress
-from ldr_tf.runs import CHECKPOINT_DIR, build_network
+from ldr_tf.training.checkpoints import CHECKPOINT_DIR, build_network
 
 __all__ = ["RCNStepSchedule", "make_schedule", "Trainer", "TrainingDiverged", "student_loss"]
 
@@ -97,7 +98,7 @@ class Trainer:
 
     Args:
       cfg: the frozen run configuration.
-      descriptor: the dataset (``ldr_tf.dataset.Descriptor``).
+      descriptor: the dataset (``ldr_tf.data.dataset.Descriptor``).
       network_config: a ``CascadeConfig`` dict for the model being trained.
       strategy: a ``tf.distribute.Strategy`` (the default strategy when None).
     """
@@ -158,7 +159,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ data
 
     def _train_dataset(self, start_step: int):
-        from ldr_tf.pairs import make_pair_dataset
+        from ldr_tf.data.pairs import make_pair_dataset
 
         cfg = self.cfg
 
@@ -180,7 +181,7 @@ class Trainer:
         return {**batch, "teacher_flow": flow}
 
     def _val_dataset(self):
-        from ldr_tf.pairs import make_pair_dataset
+        from ldr_tf.data.pairs import make_pair_dataset
 
         ds = make_pair_dataset(self.desc, "2", batch_size=1, seed=self.cfg.seed, augment=False, shuffle=False,
                                repeat=False, image_size=self.image_size)

@@ -137,7 +137,7 @@ def sampled_dice_loss(fixed_seg, moving_seg, flow, label_values, k: int, seed, r
     The semi-supervised term of VoxelMorph, made affordable for atlases with many labels (148 DLMUSE regions at
     128^3 would need 148 one-hot channels): each call scores `k` distinct labels drawn from `label_values` with
     the stateless `seed` (a new draw every training step), so every label is supervised on average without the
-    memory of all of them at once. The moving one-hot maps are warped trilinearly (`ldr_tf.warp.warp`), so the
+    memory of all of them at once. The moving one-hot maps are warped trilinearly (`ldr_tf.ops.warp.warp`), so the
     loss is differentiable with respect to the flow. A label absent from both maps scores Dice 1 (loss 0).
 
     Args:
@@ -150,7 +150,7 @@ def sampled_dice_loss(fixed_seg, moving_seg, flow, label_values, k: int, seed, r
         average, halved (voxels of the half grid). 8x less memory (at 128^3 the full-resolution term with 16
         labels drove a training process past 23 GB); the gradient still reaches every voxel of the flow.
     """
-    from ldr_tf import warp  # noqa: PLC0415
+    from ldr_tf.ops import warp  # noqa: PLC0415
 
     fixed_seg = tf.convert_to_tensor(fixed_seg)
     moving_seg = tf.convert_to_tensor(moving_seg)

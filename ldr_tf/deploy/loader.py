@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from ldr_tf import warp
+from ldr_tf.ops import warp
 
 __all__ = ["Registrar", "open_registrar", "inference_only"]
 
@@ -107,7 +107,7 @@ def _signature_grid(signature) -> tuple | None:
 
 
 def _saved_model(path: Path) -> Registrar:
-    from ldr_tf.export import METADATA, load_metadata
+    from ldr_tf.deploy.savedmodel import METADATA, load_metadata
 
     try:
         loaded = tf.saved_model.load(str(path))
@@ -145,8 +145,8 @@ def _saved_model(path: Path) -> Registrar:
 
 
 def _checkpoint(path: Path, stage: str, step: int | None) -> Registrar:
-    from ldr_tf import runs
-    from ldr_tf.config import load_run_config
+    from ldr_tf.training import checkpoints as runs
+    from ldr_tf.training.config import load_run_config
 
     if stage == "affine" and load_run_config(path)["network"].get("affine", "none") == "none":
         raise ValueError(f"{path}: --stage=affine: this network has no affine stage (affine=none)")

@@ -12,8 +12,8 @@ lattice spans the volume from edge to edge, exactly like the original (which nee
 
 The field is applied consistently (`augment_moving`):
 
-* image: ``moving_aug(x) = moving(x + a(x))`` (`ldr_tf.warp.warp`, trilinear, border-clamped);
-* labels: the same pull with `ldr_tf.warp.warp_labels` (labels are never mixed);
+* image: ``moving_aug(x) = moving(x + a(x))`` (`ldr_tf.ops.warp.warp`, trilinear, border-clamped);
+* labels: the same pull with `ldr_tf.ops.warp.warp_labels` (labels are never mixed);
 * landmarks: a landmark ``p`` of the moving image moves to ``p'`` with ``p' + a(p') = p``, found by the
   fixed-point iteration ``p' <- p - a(p')`` where ``a`` is the **exact** B-spline evaluated at ``p'`` (no grid
   sampling, no nearest-voxel search as in the original). Missing landmarks (any coordinate -1) stay -1.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from ldr_tf import warp as warp_ops
+from ldr_tf.ops import warp as warp_ops
 
 __all__ = [
     "FFDParams",
@@ -52,7 +52,7 @@ class FFDParams:
       power: exponent of `sample_power` (reference: 3); 1 gives uniform draws.
       scale_divisor: voxel scale of the draws is ``N_c // scale_divisor`` along axis c (reference: 4).
       point_iterations: fixed-point steps used to move landmarks.
-      label_method: `ldr_tf.warp.warp_labels` method for the labels: ``"linear"`` (per-label trilinear + argmax,
+      label_method: `ldr_tf.ops.warp.warp_labels` method for the labels: ``"linear"`` (per-label trilinear + argmax,
         smooth boundaries, ~60 ms per 64^3 volume on 2 cores) or ``"nearest"`` (~8x faster, blockier).
     """
 
