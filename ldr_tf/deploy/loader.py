@@ -33,13 +33,18 @@ class Registrar:
       image_size: ``(D, H, W)`` grid the model takes, or None (identity: any size).
       metadata: dict (the export's ``ldr_tf_export.json``, or the run's config summary).
       parameters: number of weights, or None.
+      flow_fn: tensor-level ``pair [B, D, H, W, 2] (fixed first) -> flow [B, D, H, W, 3]``, traceable inside a
+        ``tf.function`` (the frozen teacher of distillation).
+      model: the Keras network of a training run (``kind == "checkpoint"``), else None.
     """
 
     def __init__(self, kind: str, fn, fn_labels, image_size, metadata: dict, parameters: int | None,
-                 keepalive=None):
+                 keepalive=None, flow_fn=None, model=None):
         self.kind = kind
         self._fn = fn
         self._fn_labels = fn_labels
+        self.flow_fn = flow_fn
+        self.model = model
         self.image_size = tuple(int(s) for s in image_size) if image_size else None
         self.metadata = metadata
         self.parameters = parameters
@@ -94,7 +99,10 @@ def _identity() -> Registrar:
     def fn_labels(fixed, moving, labels):
         return {**fn(fixed, moving), "warped_labels": labels}
 
-    return Registrar("identity", fn, fn_labels, None, {"model": "identity"}, 0)
+    def flow_fn(pair):
+        return tf.zeros(tf.concat([tf.shape(pair)[:4], [3]], 0))
+
+    return Registrar("identity", fn, fn_labels, None, {"model": "identity"}, 0, flow_fn=flow_fn)
 
 
 def _signature_grid(signature) -> tuple | None:
@@ -141,7 +149,10 @@ def _saved_model(path: Path) -> Registrar:
     def fn_labels(fixed, moving, labels):
         return reg_labels(fixed=fixed, moving=moving, moving_labels=labels)
 
-    return Registrar("saved_model", fn, fn_labels, grid, meta, meta.get("parameters"), loaded)
+    def flow_fn(pair):
+        return reg(fixed=pair[..., :1], moving=pair[..., 1:2])["flow"]
+
+    return Registrar("saved_model", fn, fn_labels, grid, meta, meta.get("parameters"), loaded, flow_fn=flow_fn)
 
 
 def _checkpoint(path: Path, stage: str, step: int | None) -> Registrar:
@@ -152,13 +163,14 @@ def _checkpoint(path: Path, stage: str, step: int | None) -> Registrar:
         raise ValueError(f"{path}: --stage=affine: this network has no affine stage (affine=none)")
     model, run_cfg = runs.restore_model(path, step)
 
+    def flow_fn(pair):
+        if stage == "affine":
+            return model.affine_stage(pair, training=False)["flow"]
+        return model(pair, training=False)["agg_flow"]
+
     @tf.function(reduce_retracing=True)
     def fn(fixed, moving):
-        pair = tf.concat([fixed, moving], -1)
-        if stage == "affine":
-            flow = model.affine_stage(pair, training=False)["flow"]
-        else:
-            flow = model(pair, training=False)["agg_flow"]
+        flow = flow_fn(tf.concat([fixed, moving], -1))
         return {"flow": flow, "warped": warp.warp(moving, flow)}
 
     @tf.function(reduce_retracing=True)
@@ -171,7 +183,8 @@ def _checkpoint(path: Path, stage: str, step: int | None) -> Registrar:
             "preprocessing": run_cfg.get("preprocessing"), "training_data": run_cfg.get("dataset")}
     counted = model.affine_stem if stage == "affine" else model
     params = int(sum(int(np.prod(v.shape)) for v in counted.weights))
-    return Registrar("checkpoint", fn, fn_labels, run_cfg["network"]["image_size"], meta, params, model)
+    return Registrar("checkpoint", fn, fn_labels, run_cfg["network"]["image_size"], meta, params, model,
+                     flow_fn=flow_fn, model=model)
 
 
 def inference_only() -> None:

@@ -75,41 +75,28 @@ def map_to_augmented(teacher_flow, aug_flow, iterations: int = 10) -> tf.Tensor:
     return warp.compose(a_inv, teacher_flow)
 
 
-def _is_saved_model(path: Path) -> bool:
-    return (path / "saved_model.pb").is_file()
-
-
 def load_registration_fn(path: str | os.PathLike, trainable: bool = False):
     """A frozen registration model as a callable ``pair [B, D, H, W, 2] -> final flow [B, D, H, W, 3]``.
 
-    `path` is an exported SavedModel (its ``register`` signature is used) or a training run directory (the
-    latest checkpoint is restored into the network its ``config.json`` describes). Returns ``(fn, info)`` with
-    ``info = {"kind": "saved_model"|"checkpoint", "image_size": (D, H, W) or None}``.
+    `path` is anything `ldr_tf.deploy.loader.open_registrar` opens: an exported SavedModel (its ``register``
+    signature), a training run directory (the latest checkpoint restored into the network its ``config.json``
+    describes) or a pretrained name. Returns ``(fn, info)`` with ``info = {"kind": "saved_model"|"checkpoint",
+    "image_size": (D, H, W) or None}``; ``fn.model`` is the Keras network of a run (else None).
     """
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: teacher not found (give a training run directory or an exported SavedModel)")
-    if _is_saved_model(path):
-        loaded = tf.saved_model.load(str(path))
-        if "register" not in loaded.signatures:
-            raise ValueError(f"{path}: SavedModel has no 'register' signature "
-                             f"(found {sorted(loaded.signatures)}); export it with python -m ldr_tf.export")
-        sig = loaded.signatures["register"]
+    from ldr_tf.deploy.loader import open_registrar
 
-        def fn(pair):
-            return sig(fixed=pair[..., :1], moving=pair[..., 1:2])["flow"]
+    if not Path(path).exists() and str(path) != "identity":
+        from ldr_tf import pretrained
 
-        shape = sig.structured_input_signature[1]["fixed"].shape
-        size = tuple(shape[1:4]) if None not in shape[1:4] else None
-        fn.keepalive = loaded
-        return fn, {"kind": "saved_model", "image_size": size}
-    from ldr_tf.training import checkpoints as runs
-
-    model, run_cfg = runs.restore_model(path)
-    model.trainable = trainable
+        if str(path) not in pretrained.MODELS:
+            raise ValueError(f"{path}: teacher not found (give a training run directory or an exported SavedModel)")
+    reg = open_registrar(path)
+    if reg.model is not None:
+        reg.model.trainable = trainable
 
     def fn(pair):
-        return model(pair, training=False)["agg_flow"]
+        return reg.flow_fn(pair)
 
-    fn.model = model
-    return fn, {"kind": "checkpoint", "image_size": tuple(run_cfg["network"]["image_size"])}
+    fn.model = reg.model
+    fn.keepalive = reg
+    return fn, {"kind": reg.kind, "image_size": reg.image_size}
