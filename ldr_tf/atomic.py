@@ -59,3 +59,15 @@ def write_text(path, text: str) -> Path:
 def write_json(obj, path) -> Path:
     """Writes `obj` as indented JSON (non-JSON values through ``str``) to `path` atomically; returns the path."""
     return write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def check_writable(out_dir: str | os.PathLike) -> None:
+    """ValueError unless `out_dir` is, or can be created as, a writable folder."""
+    out_dir = Path(out_dir)
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{out_dir}: cannot create the output folder ({probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{out_dir}: output folder is not writable")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
+from absl import app, flags
 
 
 class UsageError(ValueError):
@@ -33,3 +33,22 @@ def run(main, prog: str) -> None:
             sys.exit(1)
 
     app.run(wrapped)
+
+
+def run_argv(define, body, argv, prog: str) -> int:
+    """Parses `argv` into fresh flags made by ``define(fv)`` and runs ``body(fv)``: the exit status, with one-line
+    ``<prog>: error: ...`` messages on stderr for bad input (exit 1), like `run` but in-process (tests, recipes)."""
+    fv = flags.FlagValues()
+    define(fv)
+    try:
+        rest = fv(list(argv))
+        if len(rest) > 1:
+            raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
+        return int(body(fv) or 0)
+    except flags.Error as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 1

@@ -141,23 +141,21 @@ class Learned(Method):
         self.registrar(zeros, zeros)  # warm-up (tracing, XLA compilation) outside the timings
 
     def register(self, fixed, moving):
-        from ldr_tf.data import preprocess
+        from ldr_tf.deploy.native import model_input, prepare_pair
         from ldr_tf.ops.sampling import pull_back
 
         # Label maps reach the preprocessing only when the recipe crops or masks to labels (the old atlas
         # recipes); label-free recipes (brain-head) see the images alone, as ANTs does.
-        crop_f = fixed.labels if self.spec.needs_labels else None
-        crop_m = moving.labels if self.spec.needs_labels else None
         t = time.perf_counter()
-        f_vol, _, _, f_geom = preprocess.apply(self.spec, fixed.image, crop_f, want_labels=False)
-        m_vol, _, _, m_geom = preprocess.apply(self.spec, moving.image, crop_m, want_labels=False)
+        pair = prepare_pair(self.spec, {"fixed": fixed.image, "moving": moving.image, "fixed_seg": fixed.labels,
+                                        "moving_seg": moving.labels})
         t_model = time.perf_counter()
-        res = self.registrar(f_vol[None, ..., None].astype(np.float32) / 255.0,
-                             m_vol[None, ..., None].astype(np.float32) / 255.0)
+        res = self.registrar(model_input(pair["fixed"]), model_input(pair["moving"]))
         model_s = time.perf_counter() - t_model
         # end to end: preprocessing + model + the flow and the warped labels on the native grid (ANTs' figure
         # leaves out its label resampling: this side is counted a little pessimistically)
-        native = pull_back(f_geom, m_geom, res["flow"][0], labels=np.asarray(moving.labels.dataobj))
+        native = pull_back(pair["fixed_geom"], pair["moving_geom"], res["flow"][0],
+                           labels=np.asarray(moving.labels.dataobj))
         return {"labels": native["warped_labels"], "jac_field": native["vox"], "seconds": time.perf_counter() - t,
                 "model_seconds": model_s}
 
@@ -245,7 +243,7 @@ def parse_method(item: str, preprocessing, threads: int) -> Method:
 
 def score(method: Method, fixed: Scan, moving: Scan) -> dict:
     from ldr_tf.ops import metrics
-    from ldr_tf.predict import sample_native
+    from ldr_tf.deploy.native import sample_native
 
     res = method.register(fixed, moving)
     if "labels" in res:

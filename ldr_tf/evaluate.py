@@ -194,7 +194,7 @@ def main(argv):
     if not FLAGS.model or not FLAGS.out:
         raise cli.UsageError("--model and --out are required")
     txt, js = output_paths(FLAGS.out)
-    from ldr_tf.predict import check_writable
+    from ldr_tf.atomic import check_writable
 
     check_writable(txt.parent)
     if FLAGS.model != "identity" and not Path(FLAGS.model).exists():  # before TensorFlow loads

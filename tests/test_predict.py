@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from ldr_tf.ops import metrics
 from ldr_tf import predict
+from ldr_tf.deploy import native
 from ldr_tf.data.preprocess import Preprocessing, recipe
 from ldr_tf.deploy.loader import open_registrar
 from tests.helpers import FIXED_SHAPE, MOVING_SHAPE, SIZE, fixed_affine, save_nifti
@@ -62,7 +63,7 @@ def test_outputs_live_on_the_fixed_grid_with_the_documented_conventions(student,
     np.testing.assert_allclose(world_f + mm * np.array([-1, -1, 1]), world_m, atol=1e-3)
 
     res = json.loads((out / "result.json").read_text())
-    assert set(predict.TIMING_KEYS) <= set(res["seconds"]) and "model_load" in res["seconds"]
+    assert set(native.TIMING_KEYS) <= set(res["seconds"]) and "model_load" in res["seconds"]
     assert "warmup" not in res["seconds"]  # a single pair: no extra call on zeros (--warmup turns it on)
     assert all(v >= 0 for v in res["seconds"].values())
     assert res["labels"] == 3 and 0 <= res["dice"] <= 1 and 0 <= res["dice_before"] <= 1
@@ -93,7 +94,7 @@ def test_zero_flow_maps_through_world_coordinates_whatever_the_moving_orientatio
     # Same world box, different shapes/voxel sizes/axis order: with a zero grid flow, every fixed voxel must look
     # up the moving scan at the same world point, i.e. "after" equals the affine-only "before" resampling.
     spec = recipe("none", grid_size=(SIZE,) * 3)
-    r = predict.Predictor(_Identity((SIZE,) * 3), spec).run(
+    r = native.Predictor(_Identity((SIZE,) * 3), spec).run(
         scans["fixed"], scans["moving"], tmp_path / "o", scans["moving_seg"], scans["fixed_seg"], write_mm=True)
     assert r["dice"] == pytest.approx(r["dice_before"], abs=0.01)
     assert 0.6 < r["dice_before"] < 0.97  # the subjects differ by a shift
@@ -239,20 +240,20 @@ def test_bad_input_one_line_exit_1_and_nothing_left(case, student, scans, plain_
 
 def test_resolve_preprocessing_choices(tmp_path):
     meta = {"preprocessing": recipe("brain", grid_size=(128,) * 3).to_dict()}
-    spec = predict.resolve_preprocessing("auto", meta, (32, 32, 32))
+    spec = native.resolve_preprocessing("auto", meta, (32, 32, 32))
     assert spec.grid_size == (32, 32, 32) and spec.crop == "labels" and spec.intensity == "percentile"
-    assert predict.resolve_preprocessing("auto", meta, (32,) * 3, no_crop=True).crop == "none"
+    assert native.resolve_preprocessing("auto", meta, (32,) * 3, no_crop=True).crop == "none"
     with pytest.raises(ValueError, match="trained on 'synthetic' data"):
-        predict.resolve_preprocessing("auto", {"preprocessing": {"kind": "synthetic"}}, (32,) * 3)
+        native.resolve_preprocessing("auto", {"preprocessing": {"kind": "synthetic"}}, (32,) * 3)
     with pytest.raises(ValueError, match="records no preprocessing"):
-        predict.resolve_preprocessing("auto", {}, (32,) * 3)
+        native.resolve_preprocessing("auto", {}, (32,) * 3)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(Preprocessing(intensity="ct_window", window=400, level=40).to_dict()))
-    s = predict.resolve_preprocessing(str(spec_file), {}, (16, 16, 16))
+    s = native.resolve_preprocessing(str(spec_file), {}, (16, 16, 16))
     assert s.intensity == "ct_window" and s.window == 400 and s.grid_size == (16, 16, 16)
     spec_file.write_text(json.dumps({"crop": "sometimes"}))
     with pytest.raises(ValueError, match="spec.json: unreadable preprocessing spec"):
-        predict.resolve_preprocessing(str(spec_file), {}, (16, 16, 16))
+        native.resolve_preprocessing(str(spec_file), {}, (16, 16, 16))
 
 
 def test_pairs_csv_errors(tmp_path):

@@ -65,7 +65,7 @@ def _take(volume, axis: int, index: int) -> np.ndarray:
 
 def _on_fixed_slice(img, fixed, coords, labels=False) -> np.ndarray:
     """`img` sampled at the fixed slice voxels `coords` through the two affines (0 outside `img`)."""
-    from ldr_tf.predict import sample_native
+    from ldr_tf.deploy.native import sample_native
 
     to_img = np.linalg.inv(img.affine) @ fixed.affine
     pos = coords @ to_img[:3, :3].T.astype(np.float32) + to_img[:3, 3].astype(np.float32)
@@ -163,7 +163,7 @@ def _main(fv) -> int:
         raise cli.UsageError(f"--out: expected a .png file, got {out}")
     if out.exists() and not fv.overwrite:
         raise ValueError(f"{out}: already exists (add --overwrite to replace it)")
-    from ldr_tf.predict import check_writable
+    from ldr_tf.atomic import check_writable
 
     check_writable(out.parent)
     fixed = nifti.load(fv.fixed, "image")
@@ -183,7 +183,7 @@ def _main(fv) -> int:
 
 def run(argv) -> int:
     """In-process entry -> exit status (0 ok, 1 error)."""
-    from ldr_tf.predict import run_argv
+    from ldr_tf.cli import run_argv
 
     return run_argv(define_flags, _main, argv, PROG)
 

@@ -36,6 +36,8 @@ from absl import flags
 
 from ldr_tf import cli
 from ldr_tf import predict as predict_lib
+from ldr_tf.atomic import check_writable
+from ldr_tf.deploy import native
 
 FLAGS = flags.FLAGS
 PROG = "tools.serving.client"
@@ -134,7 +136,7 @@ def grpc_channel_options(max_message_mb: int = 1024) -> list:
 
 
 class RemoteRegistrar:
-    """The `ldr_tf.deploy.loader.Registrar` interface over a TF Serving model (for `ldr_tf.predict.Predictor`).
+    """The `ldr_tf.deploy.loader.Registrar` interface over a TF Serving model (for `ldr_tf.deploy.native.Predictor`).
 
     Args:
       server: ``host:port`` (gRPC port for ``"grpc"``, REST port for ``"rest"``).
@@ -238,22 +240,22 @@ def _main(fv) -> int:
         raise cli.UsageError("--metadata (the export directory or its ldr_tf_export.json) and --out_dir are required")
     pairs = predict_lib.pairs_from_flags(fv)
     out_dir = Path(fv.out_dir)
-    predict_lib.check_writable(out_dir)
+    check_writable(out_dir)
     for p in pairs:
-        predict_lib.Predictor.check_outputs(out_dir / p["name"] if p["name"] else out_dir, fv.overwrite)
+        native.Predictor.check_outputs(out_dir / p["name"] if p["name"] else out_dir, fv.overwrite)
     if fv.pairs and (out_dir / "results.json").exists() and not fv.overwrite:
         raise ValueError(f"{out_dir / 'results.json'}: already exists (add --overwrite to replace the outputs)")
     meta = load_metadata(fv.metadata)
-    spec = predict_lib.resolve_preprocessing(fv.preprocessing, meta, meta["image_size"], fv.no_crop)
+    spec = native.resolve_preprocessing(fv.preprocessing, meta, meta["image_size"], fv.no_crop)
     remote = RemoteRegistrar(fv.server, fv.model_name, meta["image_size"], fv.protocol, fv.model_version,
                              fv.timeout, fv.max_message_mb, meta)
     try:
         info = {k: meta.get(k) for k in ("model", "aldk", "cascades", "parameters", "trained_steps", "xla_warp")}
         info.update(server=fv.server, protocol=fv.protocol, model_name=fv.model_name, version=fv.model_version)
-        predictor = predict_lib.Predictor(remote, spec, info)
+        predictor = native.Predictor(remote, spec, info)
         if fv.warmup if fv.warmup is not None else len(pairs) > 1:
             predictor.warmup()
-        results = predict_lib.run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, prog=PROG)
+        results = native.run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, prog=PROG)
         print(f"{PROG}: last request {remote.last_bytes.get('request', 0) / 1e6:.1f} MB, response "
               f"{remote.last_bytes.get('response', 0) / 1e6:.1f} MB over {fv.protocol}", file=sys.stderr)
     finally:
@@ -268,7 +270,7 @@ def _main(fv) -> int:
 
 def run(argv) -> int:
     """In-process entry: ``run(["client", "--server=...", ...])`` -> exit status (0 ok, 1 error)."""
-    return predict_lib.run_argv(define_flags, _main, argv, PROG)
+    return cli.run_argv(define_flags, _main, argv, PROG)
 
 
 def main(argv):
