@@ -1,4 +1,16 @@
-"""Shared command-line plumbing: one-line errors and non-zero exits instead of tracebacks for bad input."""
+"""Shared command-line plumbing: one-line errors and non-zero exits instead of tracebacks for bad input.
+
+Every command (``python -m ldr_tf.<command>``, ``python -m tools.<script>``) follows one convention:
+
+* exit 0: done;
+* exit 1: bad input (a missing or corrupt file, wrong shapes, an existing output, ...): ``<prog>: error: <message>``;
+* exit 2: a bad command line (unknown or missing flag, bad flag value, `UsageError`):
+  ``<prog>: usage error: <message>``;
+* exit 130: interrupted (Ctrl-C), after the command saved what it could.
+
+`run` is the entry of ``python -m`` (absl's app: flags in the global FLAGS); `run_argv` runs a command in-process
+with its own flags (tests, recipes that call a tool).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +20,40 @@ from absl import app, flags
 
 
 class UsageError(ValueError):
-    """A problem with the command line or its inputs, reported as one line."""
+    """A problem with the command line (missing, unknown or contradictory flags): exit status 2."""
+
+
+def _line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def report(prog: str, e: BaseException) -> int:
+    """Prints the one-line message of an expected failure and returns its exit status; re-raises anything else."""
+    if isinstance(e, (UsageError, flags.Error)):
+        print(f"{prog}: usage error: {_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    if isinstance(e, (ValueError, OSError)):
+        print(f"{prog}: error: {_line(e)}", file=sys.stderr, flush=True)
+        return 1
+    raise e
 
 
 def run(main, prog: str) -> None:
-    """``app.run(main)``, printing ``<prog>: error: <message>`` and exiting 1 for expected failures.
+    """``app.run(main)`` with the exit statuses and one-line messages above.
 
-    Expected failures are ValueError (bad arguments, bad files: `ldr_tf.data.dataset.DatasetError`, ...), OSError
-    (unreadable / unwritable paths) and KeyboardInterrupt (exit 130 after the caller saved what it could).
+    Expected failures are `UsageError` and flag errors (exit 2), ValueError (bad arguments, bad files:
+    `ldr_tf.data.dataset.DatasetError`, ...) and OSError (unreadable / unwritable paths) (exit 1), KeyboardInterrupt
+    (exit 130).
     """
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            sys.exit(report(prog, e))
 
     def wrapped(argv):
         import logging
@@ -24,31 +61,27 @@ def run(main, prog: str) -> None:
         logging.getLogger("tensorflow").setLevel(logging.WARNING)  # TF's INFO chatter (signatures, savers)
         try:
             return main(argv)
-        except KeyboardInterrupt:
-            sys.stderr.write(f"{prog}: interrupted\n")
-            sys.exit(130)
-        except (ValueError, OSError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            sys.stderr.write(f"{prog}: error: {msg}\n")
-            sys.exit(1)
+        except (ValueError, OSError, KeyboardInterrupt) as e:
+            sys.exit(report(prog, e))
 
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=parse)
 
 
 def run_argv(define, body, argv, prog: str) -> int:
-    """Parses `argv` into fresh flags made by ``define(fv)`` and runs ``body(fv)``: the exit status, with one-line
-    ``<prog>: error: ...`` messages on stderr for bad input (exit 1), like `run` but in-process (tests, recipes)."""
+    """Parses `argv` (``argv[0]`` = program) into fresh flags made by ``define(fv)`` and runs ``body(fv)``.
+
+    Returns the exit status of the convention above (``--help`` prints the flags and returns 0).
+    """
     fv = flags.FlagValues()
     define(fv)
+    argv = list(argv) if argv else [prog]
+    if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
+        print(fv.get_help())
+        return 0
     try:
-        rest = fv(list(argv))
+        rest = fv(argv)
         if len(rest) > 1:
             raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
         return int(body(fv) or 0)
-    except flags.Error as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, KeyboardInterrupt, flags.Error) as e:
+        return report(prog, e)

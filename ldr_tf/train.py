@@ -119,7 +119,7 @@ def main(argv):
         cfg = _resume_config(out_dir, FLAGS)
     else:
         if (out_dir / "checkpoints" / "checkpoint").exists():
-            raise cli.UsageError(f"{out_dir} already holds a run; add --resume to continue it or pick another --out_dir")
+            raise ValueError(f"{out_dir} already holds a run; add --resume to continue it or pick another --out_dir")
         cfg = config_from_flags(FLAGS)
     run(cfg, resume=FLAGS.resume)
     return 0

@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from flags import import_flags
+from ldr_tf import cli
 from ldr_tf.data import dataset, nifti
 from ldr_tf.data import preprocess as pp
 from ldr_tf.data import importer as imp
@@ -92,7 +93,7 @@ def main(fv, argv=None) -> dict:
     try:
         spec = ct_spec(grid, fv.liver_label, fv.window, fv.level)
     except ValueError as e:
-        raise imp.UsageError(str(e)) from None
+        raise cli.UsageError(str(e)) from None
     subjects = []
     for sid, (im, lb, slices) in SLABS.items():
         img, lab, note = load_slab(ct_dir / im, ct_dir / lb, slices)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from flags import import_flags
+from ldr_tf import cli
 from ldr_tf.data import dataset
 from ldr_tf.data import importer as imp
 
@@ -98,9 +99,9 @@ def _opposite(c: str) -> str:
 def main(fv, argv=None) -> dict:
     del argv
     if not fv.dataset:
-        raise imp.UsageError("--dataset: required (a dataset name or .json path)")
+        raise cli.UsageError("--dataset: required (a dataset name or .json path)")
     if not fv.out:
-        raise imp.UsageError("--out: required (the .png to write)")
+        raise cli.UsageError("--out: required (the .png to write)")
     desc = dataset.load_descriptor(dataset.resolve_dataset(fv.dataset, fv.data_dir))
     keys = list(fv.keys) if fv.keys else pick_keys(desc, fv.subjects, fv.subset)
     path = render(desc, keys, fv.out, fv.physical_aspect, fv.dpi)

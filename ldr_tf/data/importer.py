@@ -37,15 +37,15 @@ import numpy as np
 from absl import flags
 
 from flags import import_flags
+from ldr_tf import cli
+from ldr_tf.cli import UsageError
 from ldr_tf.data import dataset, nifti
 from ldr_tf.data import preprocess as pp
 
 __all__ = ["Subject", "find_subjects", "read_landmarks", "read_label_names", "make_split", "convert",
-           "spec_from_flags", "parse_flags", "parse_grid", "parse_ints", "UsageError", "run_tool", "run", "main"]
+           "spec_from_flags", "parse_grid", "parse_ints", "run_tool", "run", "main"]
 
 
-class UsageError(ValueError):
-    """A command-line problem (unknown flag, missing required flag, bad flag value). Exit status 2."""
 
 
 @dataclass
@@ -444,23 +444,6 @@ def convert(subjects: list, spec: pp.Preprocessing, output, *, split: dict, h5_p
 # --------------------------------------------------------------------------------------------- flags
 
 
-def parse_flags(define, argv) -> flags.FlagValues:
-    """Parses `argv` (``argv[0]`` = program) into a fresh `FlagValues` built by ``define(fv)``."""
-    fv = flags.FlagValues()
-    define(fv)
-    argv = list(argv) if argv else ["tool"]
-    if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
-        print(fv.get_help())
-        raise SystemExit(0)
-    try:
-        rest = fv(argv)
-    except flags.Error as e:
-        raise UsageError(" ".join(str(e).split())) from None
-    if len(rest) > 1:
-        raise UsageError(f"unexpected arguments {rest[1:]}")
-    return fv
-
-
 def parse_ints(values, name):
     try:
         return [int(v) for v in values]
@@ -558,25 +541,22 @@ def main(fv: flags.FlagValues, argv_for_record=None) -> dict:
         subjects, spec, fv.output, split=split, h5_path=fv.h5, atlas=atlas_id, atlas_subject=atlas_subject,
         image_type=image_type, class_names=class_names, landmark_units=fv.landmark_units, skip_bad=fv.skip_bad,
         overwrite=fv.overwrite, progress=fv.progress,
-        extra={"source": {"tool": "ldr_tf.data.importer", "argv": list(argv_for_record or [])[1:]}},
+        extra={"source": {"tool": "tools.import_nifti", "argv": list(argv_for_record or [])[1:]}},
     )
 
 
 def run_tool(name: str, define, body, argv) -> int:
-    """Shared CLI wrapper: parse flags, run ``body(fv, argv)``, print one-line errors. Returns the exit status."""
-    try:
-        fv = parse_flags(define, argv)
+    """Runs an import command in-process (`ldr_tf.cli.run_argv`: one-line errors, exit 1 for bad input and 2 for a bad
+    command line): ``body(fv, argv)`` returns `convert`'s summary, printed as one line."""
+
+    def go(fv):
         summary = body(fv, argv)
-    except UsageError as e:
-        print(f"{name}: usage error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:
-        print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    if isinstance(summary, dict) and "json" in summary:
-        print(f"{name}: wrote {summary['json']} and {summary['h5']} ({len(summary['subjects'])} subjects, "
-              f"{len(summary['skipped'])} skipped, {summary['bytes'] / 1e6:.1f} MB, {summary['seconds']:.1f} s)")
-    return 0
+        if isinstance(summary, dict) and "json" in summary:
+            print(f"{name}: wrote {summary['json']} and {summary['h5']} ({len(summary['subjects'])} subjects, "
+                  f"{len(summary['skipped'])} skipped, {summary['bytes'] / 1e6:.1f} MB, {summary['seconds']:.1f} s)")
+        return 0
+
+    return cli.run_argv(define, go, argv, name)
 
 
 def run(argv) -> int:

@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from flags import import_flags
+from ldr_tf import cli
 from ldr_tf.data import dataset, nifti
 from ldr_tf.data import preprocess as pp
 from ldr_tf.data import importer as imp
@@ -99,7 +100,7 @@ def main(fv, argv=None) -> dict:
         percentiles = tuple(float(p) for p in fv.percentiles)
         spec = ixi_spec(grid, fv.skull, fv.mask_mm, percentiles, fv.spacing_mm)
     except ValueError as e:
-        raise imp.UsageError(str(e)) from None
+        raise cli.UsageError(str(e)) from None
     subjects = imp.find_subjects(str(ixi / "t1" / "{id}_T1.nii.gz"),
                                  str(ixi / "dlmuse_seg" / "{id}_T1_DLMUSE.nii.gz"))
     if fv.subjects:
@@ -110,7 +111,7 @@ def main(fv, argv=None) -> dict:
         subjects = [by_id[s] for s in sorted(set(fv.subjects))]
     counts = imp.parse_ints(fv.split, "split")
     if len(counts) != 3:
-        raise imp.UsageError(f"--split: expected three numbers train,val,test, got {fv.split}")
+        raise cli.UsageError(f"--split: expected three numbers train,val,test, got {fv.split}")
     split = imp.make_split([s.id for s in subjects], counts=counts, seed=fv.seed)
     atlas_id, atlas_subject = None, None
     if fv.atlas == "subject":
@@ -121,14 +122,14 @@ def main(fv, argv=None) -> dict:
         if atlas_id not in {s.id for s in subjects}:
             raise ValueError(f"--atlas_id: subject '{atlas_id}' not found")
     elif fv.atlas_id:
-        raise imp.UsageError("--atlas_id: only with --atlas=subject")
+        raise cli.UsageError("--atlas_id: only with --atlas=subject")
     elif fv.atlas == "mni":
         atlas_subject = _mni_atlas(Path(fv.mni_dir), crop=spec.crop == "labels")
     data_dir = Path(fv.data_dir).expanduser() if fv.data_dir else dataset.default_data_dir()
     output = data_dir / f"{fv.name}.json"
     extra = {
         "source": {
-            "tool": "ldr_tf.data.ixi", "argv": list(argv or [])[1:], "ixi_dir": str(ixi.resolve()),
+            "tool": "tools.import_ixi", "argv": list(argv or [])[1:], "ixi_dir": str(ixi.resolve()),
             "split": {"counts": counts, "seed": fv.seed}, "atlas": fv.atlas if atlas_id is None else atlas_id,
             "skull": fv.skull, "license": "IXI: CC BY-SA 3.0; DLMUSE labels: NiChart (UPenn SBIA licence)",
         },

@@ -101,9 +101,9 @@ def main(argv):
             args.append(f"--ixi_dir={FLAGS.ixi_dir}")
         rc = import_ixi.run(args)
         if rc:
-            raise cli.UsageError("the IXI import failed (see above)")
+            raise ValueError("the IXI import failed (see above)")
     if not dataset.is_file():
-        raise cli.UsageError(f"{dataset} not found: run the import stage first")
+        raise ValueError(f"{dataset} not found: run the import stage first")
     common = dict(dataset=str(dataset), image_size=FLAGS.grid, batch=FLAGS.batch, lr=FLAGS.lr, lr_schedule="step",
                   val_every=500, val_pairs=10, checkpoint_every=250, log_every=50, seed=FLAGS.seed,
                   seg_weight=FLAGS.seg_weight, seg_half=FLAGS.grid >= 128)
