@@ -37,11 +37,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,238 +45,43 @@ from pathlib import Path
 from absl import flags
 
 from ldr_tf import cpu
+from ldr_tf.deploy.benchmark_report import (NOT_JUDGED, SHORT_DTYPE, _target_lines, add_derived, format_table,
+                                            target_report, targets_judged)
+from ldr_tf.deploy.timing import (_apply_threads, _loadavg, machine_info, measure_conv_peak, run_worker,
+                                  tf_runtime_info, worker_main)
 
 FLAGS = flags.FLAGS
 PROG = "ldr_tf.benchmark"
 KINDS = ("teacher", "student")
 DTYPES = {"off": "float32", "on": "bfloat16"}
-SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
-# Convolutions timed to estimate the machine's practical peak: (grid size, channels in = out), 3^3 kernels.
-PEAK_CONVS = ((64, 32), (32, 64))
-MB = 1e6  # memory figures are in MB = 10^6 bytes
 
-__all__ = ["Case", "measure_export", "measure_conv_peak", "machine_info", "add_derived", "format_table",
-           "target_report", "run"]
+__all__ = ["Case", "Settings", "run", "add_derived", "format_table", "target_report", "targets_judged"]
 
 
-# ------------------------------------------------------------------------------------------------- machine
+@dataclasses.dataclass
+class Settings:
+    """What to benchmark and how (the flags of ``python -m ldr_tf.benchmark``, read in `main`)."""
 
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-machine_info = cpu.machine_info
-_loadavg = cpu.loadavg
-
-
-def tf_runtime_info() -> dict:
-    """TensorFlow version, thread settings and oneDNN state of this process (imports TensorFlow)."""
-    import tensorflow as tf
-
-    onednn = cpu.onednn_enabled()
-    return {
-        "tensorflow": tf.__version__,
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-        "onednn_enabled": onednn,
-    }
-
-
-def _apply_threads(threads: int, inter_threads: int) -> None:
-    import tensorflow as tf
-
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-    if inter_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(inter_threads)
-
-
-# -------------------------------------------------------------------------------------------------- memory
-
-
-def _status_mb(key: str) -> float | None:
-    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in MB, or None where there is none."""
-    for line in _read("/proc/self/status").splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024 / MB
-    return None
-
-
-def _reset_peak() -> bool:
-    """Resets the kernel's peak-RSS mark of this process to its current RSS (Linux >= 4.0); False if impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    import resource
-
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
-
-
-# ------------------------------------------------------------------------------------------------- workers
-
-
-def _timed_calls(fn, runs: int) -> list:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _stats(times: list) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times}
-
-
-def measure_export(model_dir: str, runs: int = 10, warmup: int = 1, seed: int = 0) -> dict:
-    """Loads an export and times its ``register`` signature on one random pair (run in a fresh process).
-
-    Args:
-      model_dir: SavedModel directory written by `ldr_tf.deploy.savedmodel.export_model`.
-      runs: timed warm calls (>= 1).
-      warmup: untimed calls after the first one.
-      seed: seed of the random float32 inputs in [0, 1].
-
-    Returns:
-      dict: ``load_s``, ``first_call_s``, ``median_s``, ``min_s``, ``max_s``, ``times_s`` (seconds);
-      ``rss_before_call_mb``, ``load_peak_mb`` (peak up to then), ``first_call_peak_mb``,
-      ``warm_call_peak_mb`` (peak RSS of each phase), ``peak_rss_mb`` (the process), ``call_peak_mb`` (the
-      calls' peak above ``rss_before_call_mb``), ``peak_reset`` (whether phase peaks are exact), ``grid``,
-      ``outputs`` (shapes), ``finite`` (outputs all finite).
-
-    Raises:
-      ValueError: the directory has no ``register`` signature with a static grid.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    t0 = time.perf_counter()
-    loaded = tf.saved_model.load(model_dir)
-    load_s = time.perf_counter() - t0
-    if "register" not in loaded.signatures:
-        raise ValueError(f"{model_dir}: no 'register' signature (has {sorted(loaded.signatures)})")
-    reg = loaded.signatures["register"]
-    spec = reg.structured_input_signature[1]["fixed"]
-    grid = spec.shape.as_list()[1:4]
-    if None in grid:
-        raise ValueError(f"{model_dir}: the register signature has no static grid ({spec.shape})")
-    rng = np.random.default_rng(seed)
-    fixed = tf.constant(rng.random((1, *grid, 1), dtype=np.float32))
-    moving = tf.constant(rng.random((1, *grid, 1), dtype=np.float32))
-    outputs = {}
-
-    def call():
-        outputs.clear()  # the previous outputs do not count in this call's memory
-        out = reg(fixed=fixed, moving=moving)
-        outputs.update({k: v.numpy() for k, v in out.items()})  # the caller gets numpy arrays
-
-    load_peak = _peak_mb()
-    rss_before = _status_mb("VmRSS")
-    reset = _reset_peak()
-    t0 = time.perf_counter()
-    call()
-    first_s = time.perf_counter() - t0
-    first_peak = _peak_mb()
-    reset = _reset_peak() and reset
-    for _ in range(warmup):
-        call()
-    res = _stats(_timed_calls(call, runs))
-    warm_peak = _peak_mb()
-    peak = max(load_peak, first_peak, warm_peak) if reset else warm_peak
-    res.update({
-        "load_s": load_s,
-        "first_call_s": first_s,
-        "rss_before_call_mb": rss_before,
-        "load_peak_mb": load_peak,
-        "first_call_peak_mb": first_peak if reset else None,
-        "warm_call_peak_mb": warm_peak if reset else None,
-        "peak_rss_mb": peak,
-        "call_peak_mb": max(first_peak, warm_peak) - rss_before,
-        "peak_reset": reset,
-        "grid": grid,
-        "outputs": {k: list(v.shape) for k, v in outputs.items()},
-        "finite": bool(all(np.isfinite(v).all() for v in outputs.values())),
-    })  # fmt: skip
-    return res
-
-
-def measure_conv_peak(dtypes=("float32", "bfloat16"), runs: int = 10) -> dict:
-    """Practical convolution throughput of this machine: the best GFLOP/s of one call over `PEAK_CONVS`.
-
-    Each case is one ``tf.nn.conv3d`` (3^3 kernel, SAME, batch 1) inside a `tf.function`, timed `runs` times
-    after one untimed call. The peak is taken from the fastest call, not the median: it stands for what the
-    machine can do (a FLOP floor), and on a shared machine the median mostly measures the other processes.
-
-    Returns:
-      ``{dtype: {"gflop_per_s": best, "cases": [{"size", "channels", "gflops", "min_s", "median_s",
-      "gflop_per_s" (from min_s), "median_gflop_per_s"}]}}``.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    rng = np.random.default_rng(0)
-    conv = tf.function(lambda x, w: tf.nn.conv3d(x, w, [1] * 5, "SAME"))
-    result = {}
-    for name in dtypes:
-        dtype = tf.as_dtype(name)
-        cases = []
-        for size, ch in PEAK_CONVS:
-            x = tf.cast(rng.random((1, size, size, size, ch), dtype=np.float32), dtype)
-            w = tf.cast(rng.normal(0, 0.05, (3, 3, 3, ch, ch)).astype(np.float32), dtype)
-            conv(x, w).numpy()
-            times = _timed_calls(lambda: conv(x, w).numpy(), runs)  # noqa: B023
-            flops = 2.0 * size**3 * 27 * ch * ch
-            best, median = min(times), statistics.median(times)
-            cases.append({"size": size, "channels": ch, "gflops": flops / 1e9, "min_s": best, "median_s": median,
-                          "gflop_per_s": flops / best / 1e9, "median_gflop_per_s": flops / median / 1e9})  # fmt: skip
-        result[name] = {"gflop_per_s": max(c["gflop_per_s"] for c in cases), "cases": cases}
-    return result
-
-
-def _worker_main() -> int:
-    """``--worker``: measure one export in this (fresh) process and write the JSON result to --worker_out."""
-    import_t0 = time.perf_counter()
-    import tensorflow as tf  # noqa: F401
-
-    import_s = time.perf_counter() - import_t0
-    _apply_threads(FLAGS.threads, FLAGS.inter_threads)
-    loadavg = _loadavg()
-    res = measure_export(FLAGS.model_dir, runs=FLAGS.runs, warmup=FLAGS.warmup, seed=FLAGS.seed)
-    res.update({"import_s": import_s, "runtime": tf_runtime_info(), "loadavg": [loadavg, _loadavg()]})
-    from ldr_tf.atomic import write_json
-
-    write_json(res, FLAGS.worker_out)
-    return 0
-
-
-def _run_worker(model_dir: Path, timeout: float) -> dict:
-    """Runs `_worker_main` on `model_dir` in a fresh interpreter; ValueError with its last error line on failure."""
-    with tempfile.TemporaryDirectory(prefix="ldr-bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "ldr_tf.benchmark", "--worker", f"--model_dir={model_dir}",
-               f"--worker_out={out}", f"--runs={FLAGS.runs}", f"--warmup={FLAGS.warmup}", f"--seed={FLAGS.seed}",
-               f"--threads={FLAGS.threads}", f"--inter_threads={FLAGS.inter_threads}"]  # fmt: skip
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ValueError(f"{model_dir}: the measuring process ran over --worker_timeout={timeout:g} s") from None
-        if proc.returncode != 0 or not out.is_file():
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            last = lines[-1] if lines else f"exit code {proc.returncode}"
-            raise ValueError(f"{model_dir}: measuring process failed (rc {proc.returncode}): {last}")
-        return json.loads(out.read_text())
+    sizes: list = dataclasses.field(default_factory=lambda: ["128", "64"])
+    cascades: list = dataclasses.field(default_factory=lambda: ["1", "2", "3"])
+    kinds: list = dataclasses.field(default_factory=lambda: list(KINDS))
+    xla: list = dataclasses.field(default_factory=lambda: ["on"])
+    bfloat16: list = dataclasses.field(default_factory=lambda: ["off"])
+    teacher_channels: int = 16
+    student_stem: str = "ldr"
+    student_affine: str = "lite"
+    student_head: str | None = None
+    models: list = dataclasses.field(default_factory=list)
+    runs: int = 10
+    warmup: int = 1
+    conv_peak_runs: int = 10
+    threads: int = 0
+    inter_threads: int = 0
+    seed: int = 0
+    work_dir: str | None = None
+    reuse_exports: bool = False
+    out: str | None = None
+    worker_timeout: float = 600.0
 
 
 # --------------------------------------------------------------------------------------------------- cases
@@ -309,27 +110,27 @@ class Case:
         return f"{'x'.join(map(str, self.size))} {self.model} x{n} {self.variant}"
 
 
-def _cascade_config(kind: str, size: int, cascades: int, dtype: str) -> dict:
+def _cascade_config(s, kind: str, size: int, cascades: int, dtype: str) -> dict:
     from networks.cascade import CascadeConfig
 
     common = {"cascades": cascades, "image_size": (size,) * 3, "compute_dtype": dtype}
     if kind == "teacher":
-        cfg = CascadeConfig(stem="vtn", affine="vtn", channels=FLAGS.teacher_channels, **common)
+        cfg = CascadeConfig(stem="vtn", affine="vtn", channels=s.teacher_channels, **common)
     else:
-        extra = {"student_head": FLAGS.student_head} if FLAGS.student_head else {}
-        cfg = CascadeConfig(stem=FLAGS.student_stem, affine=FLAGS.student_affine, **common, **extra)
+        extra = {"student_head": s.student_head} if s.student_head else {}
+        cfg = CascadeConfig(stem=s.student_stem, affine=s.student_affine, **common, **extra)
     return cfg.to_dict()
 
 
-def _built_cases() -> list:
+def _built_cases(s) -> list:
     cases = []
-    for bf16 in FLAGS.bfloat16:
-        for xla in FLAGS.xla:
-            for size in FLAGS.sizes:
-                for n in FLAGS.cascades:
-                    for kind in FLAGS.kinds:
+    for bf16 in s.bfloat16:
+        for xla in s.xla:
+            for size in s.sizes:
+                for n in s.cascades:
+                    for kind in s.kinds:
                         dtype = DTYPES[bf16]
-                        cfg = _cascade_config(kind, int(size), int(n), dtype)
+                        cfg = _cascade_config(s, kind, int(size), int(n), dtype)
                         cases.append(Case(kind, (int(size),) * 3, int(n), xla == "on", dtype, cfg))
     return cases
 
@@ -357,8 +158,8 @@ def _export_cases(dirs) -> list:
 _COUNTS = {}  # (params, MACs) by network config without its compute dtype (neither depends on it)
 
 
-def _build(config: dict, need_model: bool = True):
-    """(model or None, params, MACs) of a config dict; the model is built with random weights (seed --seed).
+def _build(config: dict, need_model: bool = True, seed: int = 0):
+    """(model or None, params, MACs) of a config dict; the model is built with random weights (`seed`).
 
     Counting the MACs traces the model once; the counts are cached across the XLA / bfloat16 variants.
     """
@@ -371,7 +172,7 @@ def _build(config: dict, need_model: bool = True):
     key = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "compute_dtype"}, sort_keys=True)
     if not need_model and key in _COUNTS:
         return None, *_COUNTS[key]
-    keras.utils.set_random_seed(FLAGS.seed)
+    keras.utils.set_random_seed(seed)
     model = RecursiveCascade(cfg, name="cascade")
     shape = (1, *cfg.image_size, 2)
     model.build(shape)  # the weights (export needs them even when the counts come from the cache)
@@ -380,17 +181,17 @@ def _build(config: dict, need_model: bool = True):
     return model, *_COUNTS[key]
 
 
-def _reusable(case: Case) -> dict | None:
+def _reusable(case: Case, seed: int) -> dict | None:
     """The metadata of an earlier export of exactly this case at ``case.path`` (--reuse_exports), else None."""
     meta = _export_meta(case.path)
     bench = meta.get("benchmark") or {}
     same = (json.dumps(meta.get("network"), sort_keys=True) == json.dumps(case.config, sort_keys=True)
-            and meta.get("xla_warp") == case.xla_warp and bench.get("seed") == FLAGS.seed
+            and meta.get("xla_warp") == case.xla_warp and bench.get("seed") == seed
             and bench.get("macs") is not None)  # fmt: skip
     return meta if same else None
 
 
-def _prepare(case: Case, work_dir: Path) -> dict:
+def _prepare(s, case: Case, work_dir: Path) -> dict:
     """Exports a built case (or counts the FLOPs of an existing export); returns the row's static fields."""
     import keras
 
@@ -410,21 +211,21 @@ def _prepare(case: Case, work_dir: Path) -> dict:
         return row
     tag = f"{case.model}-c{case.cascades}-xla{'on' if case.xla_warp else 'off'}-{case.compute_dtype}"
     case.path = work_dir / f"{case.size[0]}" / tag
-    if FLAGS.reuse_exports:
-        meta = _reusable(case)
+    if s.reuse_exports:
+        meta = _reusable(case, s.seed)
         if meta is not None:
             row.update(params=meta["parameters"], macs=meta["benchmark"]["macs"], reused_export=True)
             return row
     previous = warp.xla_warp_enabled()
     warp.set_xla_warp(case.xla_warp)  # read when the export traces the sampler
     try:
-        model, params, macs = _build(case.config)
+        model, params, macs = _build(case.config, seed=s.seed)
         t0 = time.perf_counter()
         from ldr_tf.deploy.savedmodel import export_model
 
         metadata = {"model": case.model, "cascades": case.cascades, "network": case.config, "parameters": params,
-                    "benchmark": {"seed": FLAGS.seed, "macs": macs},
-                    "note": f"random weights (seed {FLAGS.seed}), written by {PROG}"}  # fmt: skip
+                    "benchmark": {"seed": s.seed, "macs": macs},
+                    "note": f"random weights (seed {s.seed}), written by {PROG}"}  # fmt: skip
         export_model(model, case.path, metadata, overwrite=True)
         row.update(params=params, macs=macs, export_s=time.perf_counter() - t0)
     finally:
@@ -445,154 +246,12 @@ def _export_meta(path: Path) -> dict:
         return {}
 
 
-# ------------------------------------------------------------------------------------------------- results
-
-
-def add_derived(rows: list, peak: dict) -> None:
-    """Adds GFLOPs, achieved GFLOP/s, the FLOP floor and the student/teacher ratios to the measured `rows`.
-
-    Args:
-      rows: dicts with ``model``, ``size``, ``cascades``, ``variant``, ``compute_dtype``, ``macs`` (or None) and,
-        when measured, ``median_s``.
-      peak: the practical convolution peak, ``{dtype: GFLOP/s}``; a dtype missing there gives no floor.
-
-    Each row gets ``gflops`` (2 x MACs / 1e9), ``gflop_per_s`` (FLOPs / median), ``peak_gflop_per_s`` (of its
-    compute dtype), ``floor_s`` (FLOPs / peak) and ``x_floor`` (median / floor). In a (size, cascades, variant)
-    group with exactly one measured teacher, every student gets ``time_ratio_student_teacher`` (student median /
-    teacher median, < 1 = student faster) and ``speedup_vs_teacher`` (its inverse); the teacher gets them too when
-    the group has exactly one student. Other rows get None.
-    """
-    groups = {}
-    for r in rows:
-        macs, median = r.get("macs"), r.get("median_s")
-        r["gflops"] = 2.0 * macs / 1e9 if macs else None
-        p = peak.get(r.get("compute_dtype"))
-        r["peak_gflop_per_s"] = p
-        ok = r["gflops"] is not None and median
-        r["gflop_per_s"] = r["gflops"] / median if ok else None
-        r["floor_s"] = r["gflops"] / p if (r["gflops"] is not None and p) else None
-        r["x_floor"] = median / r["floor_s"] if (ok and r["floor_s"]) else None
-        r["time_ratio_student_teacher"] = r["speedup_vs_teacher"] = None
-        groups.setdefault((tuple(r["size"]), r["cascades"], r["variant"]), []).append(r)
-    for members in groups.values():
-        teachers = [r for r in members if r["model"] == "teacher" and r.get("median_s")]
-        students = [r for r in members if r["model"] == "student" and r.get("median_s")]
-        if len(teachers) != 1:
-            continue
-        for r in students:
-            r["time_ratio_student_teacher"] = r["median_s"] / teachers[0]["median_s"]
-            r["speedup_vs_teacher"] = 1.0 / r["time_ratio_student_teacher"]
-        if len(students) == 1:
-            teachers[0]["time_ratio_student_teacher"] = students[0]["time_ratio_student_teacher"]
-            teachers[0]["speedup_vs_teacher"] = students[0]["speedup_vs_teacher"]
-
-
-def _fmt(x, spec: str, missing: str = "-") -> str:
-    return missing if x is None else format(x, spec)
-
-
-def format_table(rows: list) -> str:
-    """The readable table: one line per row, sorted by size (largest first), variant, cascades, model."""
-    head = (f"{'size':>5} {'model':10} {'casc':>4} {'variant':12} {'params':>11} {'GFLOP':>7} {'first s':>7} "
-            f"{'median s [min-max]':>22} {'GFLOP/s':>7} {'floor s':>7} {'xfloor':>6} {'peak MB':>7} "
-            f"{'call MB':>7} {'S/T time':>8} {'load':>5}")  # fmt: skip
-    lines = [head, "-" * len(head)]
-    key = lambda r: (-r["size"][0], r["variant"], r["cascades"] or 0, r["model"], _name(r))  # noqa: E731
-    for r in sorted(rows, key=key):
-        if r.get("error"):
-            lines.append(f"{r['size'][0]:>5} {_name(r):10} {_fmt(r['cascades'], 'd'):>4} {r['variant']:12} "
-                         f"FAILED: {r['error']}")  # fmt: skip
-            continue
-        timing = f"{r['median_s']:.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}]"
-        lines.append(
-            f"{r['size'][0]:>5} {_name(r):10} {_fmt(r['cascades'], 'd'):>4} {r['variant']:12} "
-            f"{_fmt(r['params'], ',d'):>11} {_fmt(r['gflops'], '.1f'):>7} {r['first_call_s']:>7.2f} {timing:>22} "
-            f"{_fmt(r['gflop_per_s'], '.1f'):>7} {_fmt(r['floor_s'], '.3f'):>7} {_fmt(r['x_floor'], '.1f'):>6} "
-            f"{r['peak_rss_mb']:>7.0f} {r['call_peak_mb']:>7.0f} {_fmt(r['time_ratio_student_teacher'], '.2f'):>8} "
-            f"{_fmt(_row_load(r), '.1f'):>5}"
-        )  # fmt: skip
-    return "\n".join(lines)
-
-
-def _name(row: dict) -> str:
-    """Table name of a row: the model kind, or an existing export's directory name."""
-    return str(row.get("name") or row["model"])[:10]
-
-
-def _row_load(row: dict) -> float | None:
-    """The 1-minute load average when the row's measuring process ended (None if unknown)."""
-    try:
-        return float(row["loadavg"][1][0])
-    except (KeyError, IndexError, TypeError):
-        return None
-
-
-TARGET_MEDIAN_S = 0.15  # the light student's target (2 cores, oneDNN on, AVX-512)
-TARGET_SPEEDUP = 5.0  # at least 5x the 3-cascade teacher's speed, same size and variant, same run
-TARGET_CALL_MB = 1000.0  # memory of the student call itself (above the loaded model)
-
-
-NOT_JUDGED = ("oneDNN was off in the measuring process; run without TF_ENABLE_ONEDNN_OPTS=0, which "
-              "import ldr_tf turns on")
-
-
-def targets_judged(runtime: dict, rows: list) -> bool:
-    """PASS/MISS against the targets only when oneDNN was on here and in every worker that measured a row."""
-    states = [runtime.get("onednn_enabled")] + [(r.get("runtime") or {}).get("onednn_enabled") for r in rows
-                                                if r.get("runtime")]
-    return all(s is True for s in states)
-
-
-def target_report(rows: list) -> list:
-    """The issue's targets for every measured 3-cascade student at 128^3 (one entry per variant).
-
-    Targets: median <= 0.15 s; at least 5x the speed of the teacher of the same run; the calls' own peak memory
-    (above the loaded model) <= 1 GB (the whole process's peak RSS is reported beside it).
-    """
-    report = []
-    for r in rows:
-        if r["model"] != "student" or r["cascades"] != 3 or tuple(r["size"]) != (128, 128, 128) or r.get("error"):
-            continue
-        report.append({
-            "variant": r["variant"],
-            "median_s": r["median_s"],
-            "median_ok": r["median_s"] <= TARGET_MEDIAN_S,
-            "x_target": r["median_s"] / TARGET_MEDIAN_S,
-            "floor_s": r["floor_s"],
-            "x_floor": r["x_floor"],
-            "speedup_vs_teacher": r["speedup_vs_teacher"],
-            "speedup_ok": (None if r["speedup_vs_teacher"] is None
-                           else r["speedup_vs_teacher"] >= TARGET_SPEEDUP),
-            "peak_rss_mb": r["peak_rss_mb"],
-            "call_peak_mb": r["call_peak_mb"],
-            "memory_ok": r["call_peak_mb"] <= TARGET_CALL_MB,
-        })  # fmt: skip
-    return report
-
-
-def _target_lines(report: list) -> list:
-    lines = []
-    for t in report:
-        ok = lambda b: "n/a" if b is None else ("PASS" if b else "MISS")  # noqa: E731
-        speed = (f"{t['speedup_vs_teacher']:.2f}x the teacher's speed vs >= {TARGET_SPEEDUP:g}x "
-                 f"({ok(t['speedup_ok'])})"
-                 if t["speedup_vs_teacher"] else "teacher not measured")
-        floor = (f", {t['x_floor']:.1f}x the FLOP floor {t['floor_s']:.3f} s" if t["x_floor"] else "")
-        lines.append(
-            f"  3-cascade student 128^3 {t['variant']}: median {t['median_s']:.3f} s vs target "
-            f"{TARGET_MEDIAN_S} s ({ok(t['median_ok'])}, {t['x_target']:.2f}x the target{floor}); {speed}; calls "
-            f"+{t['call_peak_mb']:.0f} MB vs {TARGET_CALL_MB:.0f} MB ({ok(t['memory_ok'])}), process peak "
-            f"{t['peak_rss_mb']:.0f} MB"
-        )  # fmt: skip
-    return lines
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def _check_flags() -> None:
+def _check_settings(s) -> None:
     def listed(name, allowed):
-        values = getattr(FLAGS, name)
+        values = getattr(s, name)
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"--{name}: expected a comma-separated subset of {','.join(allowed)}, got "
@@ -602,18 +261,18 @@ def _check_flags() -> None:
     listed("bfloat16", ("off", "on"))
     listed("kinds", KINDS)
     for name in ("sizes", "cascades"):
-        values = getattr(FLAGS, name)
+        values = getattr(s, name)
         if not values or not all(str(v).isdigit() and int(v) > 0 for v in values):
             raise ValueError(f"--{name}: expected comma-separated positive integers, got {','.join(values)}")
-    if FLAGS.runs < 1:
-        raise ValueError(f"--runs: expected >= 1 timed calls, got {FLAGS.runs}")
-    if FLAGS.reuse_exports and not FLAGS.work_dir:
+    if s.runs < 1:
+        raise ValueError(f"--runs: expected >= 1 timed calls, got {s.runs}")
+    if s.reuse_exports and not s.work_dir:
         raise ValueError("--reuse_exports: needs --work_dir (the exports of a temporary directory are removed)")
-    if FLAGS.conv_peak_runs < 1:
-        raise ValueError(f"--conv_peak_runs: expected >= 1, got {FLAGS.conv_peak_runs}")
-    if FLAGS.warmup < 0:
-        raise ValueError(f"--warmup: expected >= 0, got {FLAGS.warmup}")
-    if "on" in FLAGS.bfloat16 and not FLAGS.models:
+    if s.conv_peak_runs < 1:
+        raise ValueError(f"--conv_peak_runs: expected >= 1, got {s.conv_peak_runs}")
+    if s.warmup < 0:
+        raise ValueError(f"--warmup: expected >= 0, got {s.warmup}")
+    if "on" in s.bfloat16 and not s.models:
         from networks.cascade import CascadeConfig
 
         if "compute_dtype" not in {f.name for f in dataclasses.fields(CascadeConfig)}:
@@ -621,11 +280,11 @@ def _check_flags() -> None:
                              "compute_dtype field); use --bfloat16=off")  # fmt: skip
 
 
-def run() -> dict:
-    """Runs the benchmark described by FLAGS; prints progress and the table; returns the JSON payload."""
-    _check_flags()
-    cases = _export_cases(FLAGS.models) if FLAGS.models else _built_cases()  # bad configs fail here, early
-    _apply_threads(FLAGS.threads, FLAGS.inter_threads)  # the conv peak below runs in this process
+def run(s: Settings) -> dict:
+    """Runs the benchmark described by `s`; prints progress; returns the JSON payload."""
+    _check_settings(s)
+    cases = _export_cases(s.models) if s.models else _built_cases(s)  # bad configs fail here, early
+    _apply_threads(s.threads, s.inter_threads)  # the conv peak below runs in this process
     machine = machine_info()
     runtime = tf_runtime_info()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -634,26 +293,26 @@ def run() -> dict:
           f"{'yes' if machine['amx_bf16'] else 'no'}, {machine['memory_mb']} MB RAM, load average "
           f"{machine['loadavg']}", flush=True)  # fmt: skip
     print(f"TensorFlow {runtime['tensorflow']}: oneDNN {'on' if runtime['onednn_enabled'] else 'OFF'} "
-          f"(TF_ENABLE_ONEDNN_OPTS={runtime['TF_ENABLE_ONEDNN_OPTS'] or 'unset'}); --threads={FLAGS.threads} "
+          f"(TF_ENABLE_ONEDNN_OPTS={runtime['TF_ENABLE_ONEDNN_OPTS'] or 'unset'}); --threads={s.threads} "
           f"(intra-op {runtime['intra_op_threads']}, 0 = all {machine['cpus_usable']} cores), inter-op "
-          f"{runtime['inter_op_threads']}; batch 1, {FLAGS.runs} timed calls after {1 + FLAGS.warmup} untimed",
+          f"{runtime['inter_op_threads']}; batch 1, {s.runs} timed calls after {1 + s.warmup} untimed",
           flush=True)  # fmt: skip
     if not runtime["onednn_enabled"]:
         print(f"warning: oneDNN is off: timings are not representative and no target is judged "
               f"({NOT_JUDGED})", flush=True)
-    if "on" in FLAGS.bfloat16 and cpu.bfloat16_advice():
+    if "on" in s.bfloat16 and cpu.bfloat16_advice():
         print(f"warning: {cpu.bfloat16_advice()}", flush=True)
 
     dtypes = sorted({c.compute_dtype for c in cases} | {"float32"})
-    peak = measure_conv_peak(dtypes, FLAGS.conv_peak_runs)
+    peak = measure_conv_peak(dtypes, s.conv_peak_runs)
     _print_peak(peak, "at start")
 
-    own_tmp = FLAGS.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="ldr-bench-")) if own_tmp else Path(FLAGS.work_dir)
+    own_tmp = s.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="ldr-bench-")) if own_tmp else Path(s.work_dir)
     rows = []
     payload = {
         "tool": PROG, "started": started, "complete": False,
-        "settings": {k: getattr(FLAGS, k) for k in ("sizes", "cascades", "kinds", "xla", "bfloat16", "runs",
+        "settings": {k: getattr(s, k) for k in ("sizes", "cascades", "kinds", "xla", "bfloat16", "runs",
                                                      "warmup", "threads", "inter_threads", "seed",
                                                      "teacher_channels", "student_stem", "student_affine",
                                                      "student_head", "models")},
@@ -671,9 +330,9 @@ def run() -> dict:
             rows.append(row)
             print(f"[{i}/{len(cases)}] {case.label()}" + (f" ({case.path})" if case.path else ""), flush=True)
             try:
-                row.update(_prepare(case, work_dir))
+                row.update(_prepare(s, case, work_dir))
                 row["path"] = str(case.path)
-                row.update(_run_worker(case.path, FLAGS.worker_timeout))
+                row.update(run_worker(case.path, s.worker_timeout, s.runs, s.warmup, s.seed, s.threads, s.inter_threads))
             except ValueError as e:
                 row["error"] = str(e).splitlines()[0]
                 print(f"    FAILED: {row['error']}", flush=True)
@@ -691,7 +350,7 @@ def run() -> dict:
                   f" MB (calls +{row['call_peak_mb']:.0f}), load average {row['loadavg'][1]}", flush=True)  # fmt: skip
         # Measured again at the end; the floor uses the better of the two (the machine is shared: the peak is a
         # property of the machine, a busy moment only hides it).
-        end = measure_conv_peak(dtypes, FLAGS.conv_peak_runs)
+        end = measure_conv_peak(dtypes, s.conv_peak_runs)
         _print_peak(end, "at end")
         best = payload["conv_peak"]["gflop_per_s"]
         for name in best:
@@ -706,10 +365,10 @@ def run() -> dict:
         payload["targets_judged"] = targets_judged(runtime, rows)
         if own_tmp:
             shutil.rmtree(work_dir, ignore_errors=True)
-        if FLAGS.out:
+        if s.out:
             from ldr_tf.atomic import write_json
 
-            write_json(payload, FLAGS.out)
+            write_json(payload, s.out)
     return payload
 
 
@@ -731,7 +390,7 @@ def define_flags() -> None:
     flags.DEFINE_list("xla", ["on"], "XLA-compiled trilinear sampler: on, off or on,off (compared side by side).")
     flags.DEFINE_list("bfloat16", ["off"], "bfloat16 convolutions (CascadeConfig.compute_dtype): off, on or off,on.")
     flags.DEFINE_integer("teacher_channels", 16, "Teacher VTN width c (16 = reference).")
-    flags.DEFINE_string("student_stem", "ldr", "Student dense stem: ldr (paper) or ldr_released.")
+    flags.DEFINE_string("student_stem", "ldr", "Student dense stem: ldr (paper), ldr_released or ldr_half (the light student).")
     flags.DEFINE_string("student_affine", "lite", "Student affine stage: lite, vtn or none.")
     flags.DEFINE_string("student_head", None, "Student head: deconv or upsample (default: CascadeConfig's).")
     flags.DEFINE_list("models", [], "Existing export directories to benchmark instead of building models "
@@ -759,12 +418,13 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.worker:
-        return _worker_main()
+        return worker_main(FLAGS.model_dir, FLAGS.worker_out, FLAGS.runs, FLAGS.warmup, FLAGS.seed, FLAGS.threads,
+                           FLAGS.inter_threads)
     from absl import logging
 
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TF's saver/signature INFO lines while exporting
-    payload = run()
+    payload = run(Settings(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Settings)}))
     print()
     print(f"Inference through the SavedModel 'register' signature, batch 1, one random pair; median of "
           f"{FLAGS.runs} warm calls. GFLOP: convolutions x2 MACs. floor: GFLOP / measured conv peak. "

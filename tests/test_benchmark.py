@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ldr_tf import benchmark
+from ldr_tf.deploy import benchmark_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_add_derived_analytic():
         _row("student", 0.4, variant="xla=on bf16", macs=4e9),  # no teacher of this variant: no ratio
         _row("teacher", 1.0, cascades=2, macs=None),  # FLOPs unknown
     ]
-    benchmark.add_derived(rows, {"float32": 100.0, "bfloat16": 200.0})
+    benchmark_report.add_derived(rows, {"float32": 100.0, "bfloat16": 200.0})
     teacher, student, bf16, unknown = rows
     assert teacher["gflops"] == pytest.approx(10.0)  # 2 x 5e9 MACs
     assert teacher["gflop_per_s"] == pytest.approx(5.0)  # 10 GFLOP / 2 s
@@ -53,21 +53,21 @@ def test_add_derived_analytic():
 
     # one teacher, two students (e.g. the demo's exports): each student gets its ratio, the teacher none
     group = [_row("teacher", 1.0, size=64), _row("student", 0.5, size=64), _row("student", 0.25, size=64)]
-    benchmark.add_derived(group, {"float32": 100.0})
+    benchmark_report.add_derived(group, {"float32": 100.0})
     assert [r["time_ratio_student_teacher"] for r in group] == [None, pytest.approx(0.5), pytest.approx(0.25)]
 
-    targets = benchmark.target_report(rows)
+    targets = benchmark_report.target_report(rows)
     assert [t["variant"] for t in targets] == ["xla=on fp32", "xla=on bf16"]
     fp32 = targets[0]
     assert not fp32["median_ok"] and not fp32["speedup_ok"] and fp32["memory_ok"]  # 0.5 s, 4x, +300 MB
-    assert fp32["x_target"] == pytest.approx(0.5 / benchmark.TARGET_MEDIAN_S)
+    assert fp32["x_target"] == pytest.approx(0.5 / benchmark_report.TARGET_MEDIAN_S)
     assert targets[1]["speedup_ok"] is None  # no teacher measured for that variant
     light = [_row("teacher", 1.0), _row("student", 0.125)]
-    benchmark.add_derived(light, {"float32": 100.0})
-    (t,) = benchmark.target_report(light)
+    benchmark_report.add_derived(light, {"float32": 100.0})
+    (t,) = benchmark_report.target_report(light)
     assert t["median_ok"] and t["speedup_ok"] and t["memory_ok"]
 
-    table = benchmark.format_table(rows)
+    table = benchmark_report.format_table(rows)
     assert table.splitlines()[0].split()[:3] == ["size", "model", "casc"]
     assert "0.500 [0.450-0.600]" in table and "0.25" in table
 
@@ -75,8 +75,8 @@ def test_add_derived_analytic():
 def test_target_report_misses():
     rows = [_row("teacher", 1.0), _row("student", 0.45)]
     rows[1]["call_peak_mb"] = 1200.0
-    benchmark.add_derived(rows, {"float32": 100.0})
-    (t,) = benchmark.target_report(rows)
+    benchmark_report.add_derived(rows, {"float32": 100.0})
+    (t,) = benchmark_report.target_report(rows)
     assert not t["median_ok"] and not t["speedup_ok"] and not t["memory_ok"]
     assert t["x_target"] == pytest.approx(3.0)
 
@@ -109,7 +109,7 @@ def test_end_to_end_fields(tiny_run):
     for (_, dtype), r in rows.items():
         assert r["error"] is None, r["error"]
         assert r["size"] == [64, 64, 64] and r["cascades"] == 1 and r["xla_warp"] is True
-        assert r["variant"] == f"xla=on {benchmark.SHORT_DTYPE[dtype]}"
+        assert r["variant"] == f"xla=on {benchmark_report.SHORT_DTYPE[dtype]}"
         assert r["outputs"] == {"flow": [1, 64, 64, 64, 3], "warped": [1, 64, 64, 64, 1]} and r["finite"]
         assert len(r["times_s"]) == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["load_s"] > 0 and r["first_call_s"] > 0 and r["import_s"] > 0

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from ldr_tf import benchmark, cpu
+from ldr_tf import cpu
+from ldr_tf.deploy import benchmark_report
 
 PROBE = """
 import os, sys
@@ -70,7 +71,7 @@ def test_machine_info_and_describe_name_the_isa_and_onednn():
 
 def test_benchmark_judges_targets_only_with_onednn_on_everywhere():
     on, off = {"onednn_enabled": True}, {"onednn_enabled": False}
-    assert benchmark.targets_judged(on, [{"runtime": on}, {"runtime": on}, {"error": "x"}])
-    assert not benchmark.targets_judged(off, [{"runtime": on}])
-    assert not benchmark.targets_judged(on, [{"runtime": on}, {"runtime": off}])
-    assert not benchmark.targets_judged({"onednn_enabled": None}, [])
+    assert benchmark_report.targets_judged(on, [{"runtime": on}, {"runtime": on}, {"error": "x"}])
+    assert not benchmark_report.targets_judged(off, [{"runtime": on}])
+    assert not benchmark_report.targets_judged(on, [{"runtime": on}, {"runtime": off}])
+    assert not benchmark_report.targets_judged({"onednn_enabled": None}, [])
