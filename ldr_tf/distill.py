@@ -83,7 +83,7 @@ def main(argv):
     if not FLAGS.teacher or not FLAGS.out:
         raise cli.UsageError("--teacher and --out are required")
     common_flags.apply_runtime_flags(FLAGS)
-    from ldr_tf.train import open_dataset
+    from ldr_tf.data.dataset import open_dataset
 
     desc = open_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
     rep = build_cache(FLAGS.teacher, desc, FLAGS.out, FLAGS.subset, FLAGS.batch, FLAGS.max_pairs)

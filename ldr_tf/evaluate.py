@@ -202,7 +202,7 @@ def main(argv):
                          "or 'identity')")
     common_flags.apply_runtime_flags(FLAGS)
     from ldr_tf.deploy.loader import open_registrar
-    from ldr_tf.train import open_dataset
+    from ldr_tf.data.dataset import open_dataset
 
     registrar = open_registrar(FLAGS.model, stage=FLAGS.stage)
     size = FLAGS.image_size or (registrar.image_size[0] if registrar.image_size else None)

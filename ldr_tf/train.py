@@ -21,7 +21,8 @@ from absl import flags, logging
 from flags import common_flags, train_flags
 from ldr_tf import __version__, cli
 from ldr_tf.atomic import write_json
-from ldr_tf.training.config import TrainConfig, load_run_config
+from ldr_tf.data.dataset import open_dataset
+from ldr_tf.training.config import TrainConfig, load_run_config, network_config
 
 FLAGS = flags.FLAGS
 # Flags that may change when a run is resumed; any other flag given with --resume must match the saved run.
@@ -48,34 +49,6 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
         out_dir=fv.out_dir or "", checkpoint_every=fv.checkpoint_every, val_every=fv.val_every,
         val_pairs=fv.val_pairs, log_every=fv.log_every, strategy=fv.strategy, seed=fv.seed,
     )
-
-
-def network_config(cfg: TrainConfig, image_size) -> dict:
-    """The CascadeConfig dict of the network a run trains."""
-    from networks.cascade import CascadeConfig
-
-    size = tuple(int(s) for s in image_size)
-    if cfg.model == "teacher":
-        net = CascadeConfig(stem="vtn", cascades=cfg.cascades, affine=cfg.affine, image_size=size,
-                            channels=cfg.channels, identity_init=cfg.identity_init)
-    else:
-        kwargs = dict(stem=cfg.student_stem, cascades=cfg.cascades, affine=cfg.affine, image_size=size,
-                      identity_init=cfg.identity_init)
-        if cfg.student_head:
-            kwargs["student_head"] = cfg.student_head
-        net = CascadeConfig(**kwargs)
-    return net.to_dict()
-
-
-def open_dataset(name: str, data_dir, image_size):
-    """Resolves --dataset (generating the synthetic demo data on first use) and loads its descriptor."""
-    from ldr_tf.data import dataset
-
-    if name in ("demo", "demo-brain"):
-        from ldr_tf.data import synthetic
-
-        synthetic.ensure_demo_dataset(name, data_dir=data_dir, size=image_size or 64)
-    return dataset.load_descriptor(dataset.resolve_dataset(name, data_dir))
 
 
 def make_strategy(name: str):

@@ -72,23 +72,24 @@ def time_steps(trainer, warmup: int, steps: int) -> dict:
     return {"first_step_s": first, "median_step_s": median, "steps_per_s": 1.0 / median}
 
 
-def _config(kind: str, size: int, data_dir: Path, out: Path, teacher: Path | None):
+def _config(fv, kind: str, size: int, data_dir: Path, out: Path, teacher: Path | None):
     from ldr_tf.training.config import TrainConfig
 
-    common = dict(dataset="demo", data_dir=str(data_dir), image_size=size, cascades=FLAGS.cascades,
-                  batch=FLAGS.batch, steps=FLAGS.warmup + FLAGS.steps, lr_schedule="constant", val_every=0,
-                  checkpoint_every=10**9, out_dir=str(out), seed=FLAGS.seed)
+    common = dict(dataset="demo", data_dir=str(data_dir), image_size=size, cascades=fv.cascades,
+                  batch=fv.batch, steps=fv.warmup + fv.steps, lr_schedule="constant", val_every=0,
+                  checkpoint_every=10**9, out_dir=str(out), seed=fv.seed)
     if kind == "teacher":
-        return TrainConfig(model="teacher", affine="vtn", channels=FLAGS.channels, **common)
+        return TrainConfig(model="teacher", affine="vtn", channels=fv.channels, **common)
     aldk = kind == "student_aldk"
-    return TrainConfig(model="student", affine="lite", student_stem=FLAGS.student_stem, aldk=aldk,
+    return TrainConfig(model="student", affine="lite", student_stem=fv.student_stem, aldk=aldk,
                        teacher=str(teacher) if aldk else None, gamma=0.9, **common)
 
 
-def bench(size: int, kinds, work: Path) -> list:
+def bench(fv, size: int, kinds, work: Path) -> list:
     import keras
 
-    from ldr_tf.train import network_config, open_dataset
+    from ldr_tf.data.dataset import open_dataset
+    from ldr_tf.training.config import network_config
     from ldr_tf.training.trainer import Trainer
 
     data_dir = work / "data"
@@ -100,12 +101,12 @@ def bench(size: int, kinds, work: Path) -> list:
         needed.insert(0, "teacher")  # the ALDK student needs a teacher run to load (its speed is then shown too)
     for kind in needed:
         out = teacher_dir if kind == "teacher" else work / f"{kind}{size}"
-        cfg = _config(kind, size, data_dir, out, teacher_dir)
+        cfg = _config(fv, kind, size, data_dir, out, teacher_dir)
         keras.backend.clear_session()
         trainer = Trainer(cfg, desc, network_config(cfg, (size,) * 3))
         row = {"kind": kind, "size": size, "batch": cfg.batch, "cascades": cfg.cascades,
                "parameters": int(sum(int(v.numpy().size) for v in trainer.model.trainable_variables)),
-               **time_steps(trainer, FLAGS.warmup, FLAGS.steps)}
+               **time_steps(trainer, fv.warmup, fv.steps)}
         if kind == "teacher":
             out.mkdir(parents=True, exist_ok=True)
             from ldr_tf.atomic import write_json
@@ -135,7 +136,7 @@ def main(argv):
           f"{FLAGS.channels}, {FLAGS.warmup} untimed + {FLAGS.steps} timed steps", flush=True)
     work = Path(FLAGS.work_dir) if FLAGS.work_dir else Path(tempfile.mkdtemp(prefix="ldr-train-bench-"))
     try:
-        rows = [r for size in sizes for r in bench(size, FLAGS.kinds, work)]
+        rows = [r for size in sizes for r in bench(FLAGS, size, FLAGS.kinds, work)]
     finally:
         if not FLAGS.work_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,7 +16,7 @@ from ldr_tf.training import aldk
 from ldr_tf.training.config import TrainConfig
 from ldr_tf.data.dataset import load_descriptor
 from ldr_tf.data.synthetic import ensure_demo_dataset
-from ldr_tf.train import network_config
+from ldr_tf.training.config import network_config
 from ldr_tf.training.trainer import Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]

@@ -305,3 +305,12 @@ def read_subject(h5, key: str, what=("volume", "segmentation", "point"), source:
     except OSError as e:  # truncated / corrupt chunks surface as OSError in h5py
         raise DatasetError(f"{where}: unreadable data ({e})") from None
     return out
+
+
+def open_dataset(name: str, data_dir, image_size):
+    """Resolves --dataset (generating the synthetic demo data on first use) and loads its descriptor."""
+    if name in ("demo", "demo-brain"):
+        from ldr_tf.data import synthetic
+
+        synthetic.ensure_demo_dataset(name, data_dir=data_dir, size=image_size or 64)
+    return load_descriptor(resolve_dataset(name, data_dir))

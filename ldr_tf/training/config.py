@@ -114,3 +114,20 @@ def load_run_config(run_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a training run directory (no config.json)") from None
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable run config ({e})") from None
+
+
+def network_config(cfg: TrainConfig, image_size) -> dict:
+    """The CascadeConfig dict of the network a run trains."""
+    from networks.cascade import CascadeConfig
+
+    size = tuple(int(s) for s in image_size)
+    if cfg.model == "teacher":
+        net = CascadeConfig(stem="vtn", cascades=cfg.cascades, affine=cfg.affine, image_size=size,
+                            channels=cfg.channels, identity_init=cfg.identity_init)
+    else:
+        kwargs = dict(stem=cfg.student_stem, cascades=cfg.cascades, affine=cfg.affine, image_size=size,
+                      identity_init=cfg.identity_init)
+        if cfg.student_head:
+            kwargs["student_head"] = cfg.student_head
+        net = CascadeConfig(**kwargs)
+    return net.to_dict()
