@@ -89,3 +89,9 @@ def moving_affine():
 def save_nifti(path, data, affine):
     nib.save(nib.Nifti1Image(data, affine), str(path))
     return str(path)
+
+
+# PSR like IXI: array axis 0 -> posterior (-y), axis 1 -> superior (+z), axis 2 -> right (+x); 2 mm voxels.
+PSR = np.array([[0, 0, 2.0, -20], [-2.0, 0, 0, 30], [0, 2.0, 0, -10], [0, 0, 0, 1]])
+# LAS: axis 0 -> left (-x), 1 -> anterior, 2 -> superior; 1.5 x 1 x 2 mm voxels.
+LAS = np.array([[-1.5, 0, 0, 12], [0, 1.0, 0, -7], [0, 0, 2.0, 3], [0, 0, 0, 1]])

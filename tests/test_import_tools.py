@@ -10,10 +10,10 @@ import pytest
 from ldr_tf.data import dataset
 from ldr_tf.data import preprocess as pp
 from tools import import_ct, show_dataset
-from ldr_tf.data import ixi as import_ixi, importer as import_nifti
+from ldr_tf.data import importer as import_nifti
+from ldr_tf.data import ixi as import_ixi
+from tests.helpers import LAS, PSR
 
-PSR = np.array([[0, 0, 2.0, -20], [-2.0, 0, 0, 30], [0, 2.0, 0, -10], [0, 0, 0, 1]])
-LAS = np.array([[-1.5, 0, 0, 12], [0, 1.0, 0, -7], [0, 0, 2.0, 3], [0, 0, 0, 1]])
 SHAPE = (12, 10, 8)
 
 

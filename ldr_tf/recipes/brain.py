@@ -50,6 +50,8 @@ def define_flags() -> None:
     flags.DEFINE_float("seg_weight", 0.0, "Label supervision of the teacher and the students (train --seg_weight).")
     flags.DEFINE_integer("teacher_cascades", 2, "VTN cascades of the teacher.")
     flags.DEFINE_integer("student_cascades", 2, "LDR cascades of the student.")
+    flags.DEFINE_enum("student_stem", "ldr", ["ldr", "ldr_released", "ldr_half"],
+                      "Student stems (train --student_stem): ldr = the paper's, ldr_half = the light student.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 = the reference network.")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")
     flags.DEFINE_integer("teacher_steps", 6000, "Teacher training steps.")
@@ -78,6 +80,26 @@ def _train(cfg: TrainConfig):
     return train.run(cfg)
 
 
+def make_configs(fv, dataset: Path, runs: Path) -> dict:
+    """The three training runs of the recipe from its flag values: ``{"teacher", "student", "student_noaldk"}``.
+
+    Both students get the same network, data, budget and seed; they differ only in ALDK.
+    """
+    common = dict(dataset=str(dataset), image_size=fv.grid, batch=fv.batch, lr=fv.lr, lr_schedule="step",
+                  val_every=500, val_pairs=10, checkpoint_every=250, log_every=50, seed=fv.seed,
+                  seg_weight=fv.seg_weight, seg_half=fv.grid >= 128)
+    teacher = TrainConfig(model="teacher", affine="vtn", cascades=fv.teacher_cascades, channels=fv.channels,
+                          steps=fv.teacher_steps, out_dir=str(runs / "teacher"), **common)
+    student = dict(model="student", affine="lite", cascades=fv.student_cascades, student_stem=fv.student_stem,
+                   steps=fv.student_steps, **common)
+    return {
+        "teacher": teacher,
+        "student": TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=fv.gamma,
+                               out_dir=str(runs / "student"), **student),
+        "student_noaldk": TrainConfig(aldk=False, out_dir=str(runs / "student_noaldk"), **student),
+    }
+
+
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -104,19 +126,7 @@ def main(argv):
             raise ValueError("the IXI import failed (see above)")
     if not dataset.is_file():
         raise ValueError(f"{dataset} not found: run the import stage first")
-    common = dict(dataset=str(dataset), image_size=FLAGS.grid, batch=FLAGS.batch, lr=FLAGS.lr, lr_schedule="step",
-                  val_every=500, val_pairs=10, checkpoint_every=250, log_every=50, seed=FLAGS.seed,
-                  seg_weight=FLAGS.seg_weight, seg_half=FLAGS.grid >= 128)
-    teacher = TrainConfig(model="teacher", affine="vtn", cascades=FLAGS.teacher_cascades, channels=FLAGS.channels,
-                          steps=FLAGS.teacher_steps, out_dir=str(runs / "teacher"), **common)
-    student = dict(model="student", affine="lite", cascades=FLAGS.student_cascades, steps=FLAGS.student_steps,
-                   **common)
-    configs = {
-        "teacher": teacher,
-        "student": TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=FLAGS.gamma,
-                               out_dir=str(runs / "student"), **student),
-        "student_noaldk": TrainConfig(aldk=False, out_dir=str(runs / "student_noaldk"), **student),
-    }
+    configs = make_configs(FLAGS, dataset, runs)
     for stage in ("teacher", "student", "student_noaldk"):
         if stage in FLAGS.stages:
             print(f"\n=== {stage} ===", flush=True)
