@@ -87,8 +87,17 @@ def define_train_flags() -> None:
                       "Student's discrimination loss: abs = |D(phi_s) - D(phi_t)| (WGAN generator gradient), "
                       "square = the paper's (D(phi_s) - D(phi_t))^2, feature = squared difference of the critic's "
                       "last feature maps, wgan = D(phi_t) - D(phi_s) (the WGAN generator loss).")
-    flags.DEFINE_enum("critic_condition", "images", ["images", "none"],
-                      "images: the critic sees the deformation with the pair it registers; none: the deformation only.")
+    flags.DEFINE_enum("critic_condition", "images", ["images", "warped", "none"],
+                      "images: the critic sees the deformation with the pair it registers [fixed, moving]; warped: "
+                      "with [fixed, moving warped by the deformation] (it can check correspondence); none: the "
+                      "deformation only.")
+    flags.DEFINE_enum("critic_flow", "total", ["total", "residual"],
+                      "What the critic sees of a deformation: total = the whole flow (the paper's); residual = the "
+                      "flow minus its least-squares affine part (the dense part, where student and teacher differ).")
+    flags.DEFINE_enum("distill", "none", ["none", "l2", "l1"],
+                      "Direct distillation (student with --teacher): add --distill_weight x the mean squared (l2) or "
+                      "absolute (l1) difference between the dense residuals of the student's and teacher's flows.")
+    flags.DEFINE_float("distill_weight", 1.0, "Weight of --distill (voxels^2 for l2, voxels for l1).")
     flags.DEFINE_enum("gp_norm", "rms", ["rms", "l2"],
                       "Gradient penalty norm: rms keeps the critic 1-Lipschitz w.r.t. the RMS distance between "
                       "deformations (voxels); l2 w.r.t. the Euclidean norm over all values (textbook WGAN-GP).")

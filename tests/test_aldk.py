@@ -76,3 +76,56 @@ def test_critic_losses_random_point_and_wgan_generator_loss():
     np.testing.assert_allclose(wgan, (critic(phi_t) - critic(phi_s)).numpy(), rtol=1e-5)
     absolute = aldk.discrimination_loss(critic, phi_s, phi_t, mode="abs").numpy()
     np.testing.assert_allclose(absolute, np.abs(wgan), rtol=1e-5)
+
+
+def test_dense_residual_removes_exactly_the_affine_part(rng):
+    from ldr_tf.ops import warp
+
+    A = np.eye(3)[None] + 0.1 * rng.normal(size=(2, 3, 3))
+    b = 3 * rng.normal(size=(2, 3))
+    affine = warp.affine_to_flow(tf.constant(A, tf.float32), tf.constant(b, tf.float32), (8, 10, 12))
+    dense = tf.constant(rng.normal(size=(2, 8, 10, 12, 3)), tf.float32)
+    np.testing.assert_allclose(warp.dense_residual(affine).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(warp.dense_residual(affine + dense).numpy(), warp.dense_residual(dense).numpy(),
+                               atol=1e-4)
+    r = warp.dense_residual(dense).numpy()
+    np.testing.assert_allclose(r.mean(axis=(1, 2, 3)), 0, atol=1e-5)  # no translation left
+
+
+def test_distillation_loss_ignores_affine_differences(rng):
+    from ldr_tf.ops import losses, warp
+
+    dense = tf.constant(rng.normal(size=(2, 8, 8, 8, 3)), tf.float32)
+    shift = warp.affine_to_flow(tf.eye(3, batch_shape=[2]), tf.constant([[4.0, 0, 0], [0, -2.0, 1.0]]), (8, 8, 8))
+    assert float(losses.distillation_loss(dense + shift, dense, "l2")) == pytest.approx(0, abs=1e-8)
+    other = tf.constant(rng.normal(size=(2, 8, 8, 8, 3)), tf.float32)
+    l2 = losses.distillation_loss(dense, other, "l2", "none").numpy()
+    l1 = losses.distillation_loss(dense, other, "l1", "none").numpy()
+    assert l2.shape == (2,) and (l2 > 1).all() and (l1 > 0.5).all()
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        losses.distillation_loss(dense, other, "kl")
+
+
+def test_views_of_a_deformation(rng):
+    from ldr_tf.ops import warp
+
+    flow = tf.constant(rng.normal(size=(1, 8, 8, 8, 3)), tf.float32)
+    pair = tf.constant(rng.random((1, 8, 8, 8, 2)), tf.float32)
+    assert aldk.make_view(pair, "total", "none")(flow).shape[-1] == 3
+    images = aldk.make_view(pair, "total", "images")(flow).numpy()
+    np.testing.assert_array_equal(images[..., 3:], pair.numpy())
+    warped = aldk.make_view(pair, "residual", "warped")(flow).numpy()
+    np.testing.assert_allclose(warped[..., :3], warp.dense_residual(flow).numpy(), atol=1e-6)
+    np.testing.assert_allclose(warped[..., 4:], warp.warp(pair[..., 1:2], flow).numpy(), atol=1e-6)
+    assert aldk.make_view(pair, "residual", "warped").channels() == 5
+    with pytest.raises(ValueError, match="condition: expected one of"):
+        aldk.make_view(pair, "total", "labels")
+    # the penalty of a warped view differentiates through the warp: finite and per sample
+    from networks.critic import Critic
+
+    flow = tf.constant(rng.normal(size=(1, 32, 32, 32, 3)), tf.float32)  # the critic's stride is 32
+    view = aldk.make_view(tf.constant(rng.random((1, 32, 32, 32, 2)), tf.float32), "total", "warped")
+    critic = Critic()
+    critic(view(flow))
+    gp = aldk.gradient_penalty(critic, flow, view)
+    assert gp.shape == (1,) and np.isfinite(gp.numpy()).all()

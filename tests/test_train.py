@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ldr_tf.training import aldk
-from ldr_tf.training.config import TrainConfig
 from ldr_tf.data.dataset import load_descriptor
 from ldr_tf.data.synthetic import ensure_demo_dataset
-from ldr_tf.training.config import network_config
+from ldr_tf.ops import losses
+from ldr_tf.training import aldk
+from ldr_tf.training.config import TrainConfig, network_config
 from ldr_tf.training.trainer import Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,3 +278,31 @@ def test_critic_warmup_updates_the_critic_only(tmp_path, data_dir, teacher_run):
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(critic0, t.critic.trainable_variables))
     t.fit(progress=False)  # warm-up inside fit, then the two steps of the run
     assert int(t.step.numpy()) == cfg.steps == 2
+
+
+def test_direct_distillation_and_the_residual_warped_critic(tmp_path, data_dir, teacher_run):
+    """--distill=l2 with ALDK on the dense residual, conditioned on the warped moving image: one step trains the
+    student with both terms and the critic on its 3 + 2 channel view."""
+    cfg = _cfg(tmp_path / "d", data_dir, aldk=True, teacher=str(teacher_run), distill="l2", distill_weight=2.0,
+               critic_flow="residual", critic_condition="warped")
+    t = _trainer(cfg, data_dir)
+    student0, critic0 = _weights(t.model), _weights(t.critic)
+    batch = next(iter(t._train_dataset(0)))
+    logs = t._train_step(batch, True)
+    assert {"distill", "dis", "critic", "flow_gap"} <= set(logs)
+    assert all(np.isfinite(float(v)) for v in logs.values())
+    assert float(logs["distill"]) > 0
+    assert all(not np.array_equal(a, b.numpy()) for a, b in zip(student0, t.model.trainable_variables))
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(critic0, t.critic.trainable_variables))
+    # the distillation term alone moves the student towards the teacher's dense residual
+    pair = tf.concat([batch["fixed"], batch["moving"]], -1)
+    phi_t = t.teacher_fn(pair)
+    with tf.GradientTape() as tape:
+        d = tf.reduce_sum(losses.distillation_loss(t.model(pair)["agg_flow"], phi_t, "l2"))
+    grads = tape.gradient(d, t.model.trainable_variables)
+    assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads if g is not None)
+
+
+def test_distill_needs_a_teacher(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="--distill=l1 needs --teacher"):
+        _cfg(tmp_path / "x", data_dir, distill="l1").validate()

@@ -23,7 +23,11 @@ __all__ = [
     "affine_det_loss",
     "affine_ortho_loss",
     "sampled_dice_loss",
+    "distillation_loss",
+    "DISTILL_KINDS",
 ]
+
+DISTILL_KINDS = ("l2", "l1")
 
 PEARSON_EPS = 1e-6  # added to each variance, as in the reference implementation
 ORTHO_EPS = 1e-5  # C = A^T A + eps I
@@ -172,3 +176,16 @@ def sampled_dice_loss(fixed_seg, moving_seg, flow, label_values, k: int, seed, r
     denom = tf.reduce_sum(w1h + f1h, axis=[1, 2, 3])
     dice = (2.0 * inter + DICE_EPS) / (denom + DICE_EPS)  # [B, k]
     return reduce(1.0 - tf.reduce_mean(dice, axis=-1), reduction)
+
+
+def distillation_loss(phi_s, phi_t, kind: str = "l2", reduction: str = "sum") -> tf.Tensor:
+    """Direct distillation: the distance between the dense residuals (`ldr_tf.ops.warp.dense_residual`) of the
+    student's and the teacher's flows, in voxels: ``mean((r_s - r_t)^2)`` (``"l2"``) or ``mean(|r_s - r_t|)``
+    (``"l1"``) over voxels and channels, per sample. The teacher's flow is a constant."""
+    from ldr_tf.ops.warp import dense_residual
+
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"kind: expected one of {DISTILL_KINDS}, got {kind!r}")
+    diff = dense_residual(phi_s) - tf.stop_gradient(dense_residual(phi_t))
+    per_sample = tf.reduce_mean(tf.square(diff) if kind == "l2" else tf.abs(diff), axis=[1, 2, 3, 4])
+    return reduce(per_sample, reduction)

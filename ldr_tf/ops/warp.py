@@ -35,6 +35,7 @@ __all__ = [
     "compose",
     "affine_to_flow",
     "compose_affine",
+    "dense_residual",
     "sample_points",
     "identity_grid",
     "upsample_flow",
@@ -317,6 +318,31 @@ def affine_to_flow(A, b, shape) -> tf.Tensor:
     grid = _centred_grid(shape, A.dtype)  # [D, H, W, 3]
     W = A - tf.eye(3, dtype=A.dtype)
     return tf.einsum("bij,dhwj->bdhwi", W, grid) + b[:, None, None, None, :]
+
+
+def dense_residual(flow) -> tf.Tensor:
+    """The flow minus its affine part: ``u - (W x_c + b)`` with ``W, b`` the least-squares fit of ``u`` over the
+    grid, per sample (``x_c`` centred voxel coordinates).
+
+    What is left is the dense, non-affine part of a deformation, the part where a light student and a heavy teacher
+    differ in capacity (their total flows are dominated by the affine stage's large displacements). On a centred
+    regular grid the normal equations are diagonal, so the fit is four weighted means.
+
+    Args:
+      flow: ``[B, D, H, W, 3]``.
+
+    Returns:
+      ``[B, D, H, W, 3]``, with zero mean and no linear trend along any axis.
+    """
+    flow = tf.convert_to_tensor(flow)
+    _check_flow(flow)
+    grid = _centred_grid(tf.shape(flow)[1:4], flow.dtype)  # [D, H, W, 3]
+    b = tf.reduce_mean(flow, axis=[1, 2, 3])  # [B, 3]
+    var = tf.reduce_mean(tf.square(grid), axis=[0, 1, 2])  # [3], per axis (the cross terms vanish)
+    # W[:, i, j] = mean(u_i * x_j) / mean(x_j^2); axes of size 1 have x_j = 0 and get no slope
+    W = tf.einsum("bdhwi,dhwj->bij", flow, grid) / tf.cast(tf.reduce_prod(tf.shape(flow)[1:4]), flow.dtype)
+    W = tf.math.divide_no_nan(W, var[None, None, :])
+    return flow - tf.einsum("bij,dhwj->bdhwi", W, grid) - b[:, None, None, None, :]
 
 
 def compose_affine(A, affine_flow, new) -> tf.Tensor:

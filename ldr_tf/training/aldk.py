@@ -36,26 +36,81 @@ critic the penalty stayed at ~1.0 (the critic's gradient vanished: a mean of sat
 stopped improving (validation Dice 0.40 vs 0.66 without ALDK); with a linear critic and the paper's lambda = 0.1
 the critic's scores grew without bound (1e4 within 150 steps) and the squared loss exploded (1e8).
 
-`critic` is a callable ``[B, D, H, W, C] -> [B]`` (`networks.critic.Critic`); `condition` is ``[B, D, H, W, 2]``
-(fixed, moving) or None.
+What the critic sees of a deformation is a `View` (``--critic_flow``, ``--critic_condition``): the total flow
+(default, the paper's) or its dense residual (`ldr_tf.ops.warp.dense_residual`: the affine part removed, which
+otherwise dominates the flow's magnitude and makes the critic compare two affine stages), conditioned on nothing,
+on the pair ``[fixed, moving]`` (default) or on ``[fixed, moving warped by the flow]`` (``warped``: the critic can
+check correspondence, not only the look of the deformation).
+
+`critic` is a callable ``[B, D, H, W, C] -> [B]`` (`networks.critic.Critic`); `condition` is a `View`, a
+``[B, D, H, W, 2]`` (fixed, moving) pair (= ``View(pair)``) or None.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
-__all__ = ["critic_input", "gradient_penalty", "critic_losses", "discrimination_loss", "joint_deformation",
-           "DIS_LOSSES", "GP_NORMS", "GP_POINTS"]
+__all__ = ["View", "make_view", "critic_input", "gradient_penalty", "critic_losses", "discrimination_loss", "joint_deformation",
+           "DIS_LOSSES", "GP_NORMS", "GP_POINTS", "CRITIC_FLOWS", "CRITIC_CONDITIONS"]
 
 _NORM_EPS = 1e-12  # keeps the gradient of sqrt finite at a zero gradient
 DIS_LOSSES = ("abs", "square", "feature", "wgan")
 GP_NORMS = ("rms", "l2")
 GP_POINTS = ("fixed", "random")
+CRITIC_FLOWS = ("total", "residual")
+CRITIC_CONDITIONS = ("images", "warped", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What the critic sees of a deformation ``phi``: ``flow`` ``"total"`` (phi) or ``"residual"`` (phi minus its
+    least-squares affine part), followed by the condition: ``[fixed, moving]`` (``warped=False``), ``[fixed,
+    moving(x + phi(x))]`` (``warped=True``) or nothing (``pair=None``). The pair is a constant."""
+
+    pair: tf.Tensor | None = None
+    flow: str = "total"
+    warped: bool = False
+
+    def __post_init__(self):
+        if self.flow not in CRITIC_FLOWS:
+            raise ValueError(f"flow: expected one of {CRITIC_FLOWS}, got {self.flow!r}")
+        if self.warped and self.pair is None:
+            raise ValueError("View: warped=True needs the pair")
+
+    def channels(self) -> int:
+        return 3 + (0 if self.pair is None else 2)
+
+    def __call__(self, phi) -> tf.Tensor:
+        from ldr_tf.ops import warp
+
+        x = warp.dense_residual(phi) if self.flow == "residual" else phi
+        if self.pair is None:
+            return x
+        pair = tf.stop_gradient(tf.cast(self.pair, phi.dtype))
+        fixed, moving = pair[..., :1], pair[..., 1:2]
+        if self.warped:
+            moving = warp.warp(moving, phi)
+        return tf.concat([x, fixed, moving], axis=-1)
+
+
+def make_view(pair, flow: str = "total", condition: str = "images") -> View:
+    """The `View` of ``--critic_flow`` / ``--critic_condition`` for a batch's ``pair`` ``[B, D, H, W, 2]``."""
+    if condition not in CRITIC_CONDITIONS:
+        raise ValueError(f"condition: expected one of {CRITIC_CONDITIONS}, got {condition!r}")
+    return View(None if condition == "none" else pair, flow, condition == "warped")
+
+
+def _view(condition) -> View:
+    if isinstance(condition, View):
+        return condition
+    return View(None if condition is None else tf.stop_gradient(condition))
 
 
 def critic_input(flow, condition=None) -> tf.Tensor:
-    """What the critic sees: the flow, with the image pair appended when conditioned."""
-    return flow if condition is None else tf.concat([flow, tf.cast(condition, flow.dtype)], axis=-1)
+    """What the critic sees of `flow` (`condition`: a `View`, a pair or None)."""
+    return _view(condition)(flow)
 
 
 def joint_deformation(phi_s, phi_t, beta: float, point: str = "fixed", seed=None) -> tf.Tensor:
@@ -102,7 +157,7 @@ def critic_losses(critic, phi_s, phi_t, beta: float, lambda_gp: float, condition
     """
     phi_s = tf.stop_gradient(phi_s)
     phi_t = tf.stop_gradient(phi_t)
-    condition = None if condition is None else tf.stop_gradient(condition)
+    condition = _view(condition)
     d_s = critic(critic_input(phi_s, condition), training=True)
     d_t = critic(critic_input(phi_t, condition), training=True)
     gp = gradient_penalty(critic, joint_deformation(phi_s, phi_t, beta, gp_point, seed), condition, gp_norm)
@@ -117,7 +172,7 @@ def discrimination_loss(critic, phi_s, phi_t, mode: str = "abs", condition=None)
     (``D(phi_t) - D(phi_s)``: the WGAN generator loss, whatever the sign of the gap).
     """
     phi_t = tf.stop_gradient(phi_t)
-    condition = None if condition is None else tf.stop_gradient(condition)
+    condition = _view(condition)
     x_s, x_t = critic_input(phi_s, condition), critic_input(phi_t, condition)
     if mode == "feature":
         diff = critic.features(x_s, training=False) - critic.features(x_t, training=False)

@@ -49,6 +49,9 @@ class TrainConfig:
     critic_output: str = "linear"
     dis_loss: str = "abs"
     critic_condition: str = "images"
+    critic_flow: str = "total"
+    distill: str = "none"
+    distill_weight: float = 1.0
     gp_norm: str = "rms"
     gp_point: str = "fixed"
     critic_warmup: int = 0
@@ -67,8 +70,10 @@ class TrainConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        """ALDK needs the teacher's flows; a student without ALDK uses them only when given (to log flow_gap)."""
-        return self.model == "student" and (self.aldk or bool(self.teacher or self.teacher_cache))
+        """ALDK and direct distillation need the teacher's flows; a plain student uses them only when given (to log
+        flow_gap)."""
+        return self.model == "student" and (self.aldk or self.distill != "none"
+                                            or bool(self.teacher or self.teacher_cache))
 
     def validate(self) -> None:
         """Raises ValueError for inconsistent settings, naming the flag."""
@@ -93,6 +98,14 @@ class TrainConfig:
         if self.uses_critic and not (self.teacher or self.teacher_cache):
             raise ValueError("--model=student with ALDK needs --teacher (run dir or SavedModel) or --teacher_cache "
                              "(python -m ldr_tf.distill); use --noaldk for the reconstruction-only student")
+        if self.distill not in ("none", "l2", "l1") or self.distill_weight < 0:
+            raise ValueError(f"--distill must be none, l2 or l1 and --distill_weight >= 0, got {self.distill}, "
+                             f"{self.distill_weight}")
+        if self.critic_flow not in ("total", "residual") or self.critic_condition not in ("images", "warped", "none"):
+            raise ValueError(f"--critic_flow must be total or residual and --critic_condition images, warped or none, "
+                             f"got {self.critic_flow}, {self.critic_condition}")
+        if self.model == "student" and self.distill != "none" and not (self.teacher or self.teacher_cache):
+            raise ValueError(f"--distill={self.distill} needs --teacher (run dir or SavedModel) or --teacher_cache")
         if not self.out_dir:
             raise ValueError("--out_dir is required")
 

@@ -8,6 +8,8 @@ Losses (per sample, then summed over the batch as in the reference; see `ldr_tf.
 
 * teacher / student without ALDK: ``L_u = l_rec + reg_weight * sum_k smooth(u_k) + affine_weight * (det + ortho)
   [+ seg_weight * l_seg]``;
+* ``--distill=l2|l1`` adds ``distill_weight * l_distill`` to ``L_u``: the distance between the dense residuals of the
+  student's and the teacher's flows (`ldr_tf.ops.losses.distillation_loss`), a direct-distillation baseline;
 * student with ALDK: ``gamma * L_u + (1 - gamma) * l_dis`` (one gamma for the whole unsupervised loss, as the
   released code: the reconstruction and the regularisers keep the same ratio as without ALDK, so the ablation
   changes one thing), then after every ``critic_every``-th student update, ``critic_steps`` critic updates on the
@@ -126,8 +128,8 @@ class Trainer:
                 from networks.critic import Critic
 
                 self.critic = Critic(output_activation=cfg.critic_output)
-                channels = 3 + (2 if cfg.critic_condition == "images" else 0)  # flow (+ fixed, moving)
-                self.critic(tf.zeros([1, *self.image_size, channels]))
+                view = aldk.make_view(tf.zeros([1, 1, 1, 1, 2]), cfg.critic_flow, cfg.critic_condition)
+                self.critic(tf.zeros([1, *self.image_size, view.channels()]))  # flow (+ fixed, moving)
                 self.critic_optimizer = keras.optimizers.Adam(cfg.critic_lr or cfg.lr, beta_1=cfg.critic_beta1)
                 self.critic_optimizer.build(self.critic.trainable_variables)
                 objects.update(critic=self.critic, critic_optimizer=self.critic_optimizer)
@@ -202,7 +204,7 @@ class Trainer:
         fixed, moving = batch["fixed"], batch["moving"]
         pair = tf.concat([fixed, moving], axis=-1)
         phi_t = self._teacher_flow(batch, pair) if cfg.uses_teacher else None
-        condition = pair if cfg.critic_condition == "images" else None
+        condition = aldk.make_view(pair, cfg.critic_flow, cfg.critic_condition)
         with tf.GradientTape() as tape:
             out = self.model(pair, training=True)
             rec = losses.correlation_loss(fixed, out["warped"], "none")
@@ -212,6 +214,9 @@ class Trainer:
                 seg = losses.sampled_dice_loss(batch["fixed_seg"], batch["moving_seg"], out["agg_flow"],
                                                self.label_values, cfg.seg_labels, seed, "none", cfg.seg_half)
                 regs = regs + cfg.seg_weight * seg
+            if cfg.distill != "none":
+                distill = losses.distillation_loss(out["agg_flow"], phi_t, cfg.distill, "none")
+                regs = regs + cfg.distill_weight * distill
             per_sample = student_loss(rec, regs, cfg, dis=None)
             if cfg.uses_critic:
                 dis = aldk.discrimination_loss(self.critic, out["agg_flow"], phi_t, cfg.dis_loss, condition)
@@ -229,6 +234,8 @@ class Trainer:
         }
         if cfg.seg_weight > 0:
             logs["seg"] = tf.reduce_sum(seg)
+        if cfg.distill != "none":
+            logs["distill"] = tf.reduce_sum(distill)
         if cfg.uses_critic:
             logs["dis"] = tf.reduce_sum(dis)
         if phi_t is not None:
@@ -259,7 +266,7 @@ class Trainer:
         pair = tf.concat([fixed, moving], axis=-1)
         phi_t = self._teacher_flow(batch, pair)
         phi_s = self.model(pair, training=False)["agg_flow"]
-        condition = pair if self.cfg.critic_condition == "images" else None
+        condition = aldk.make_view(pair, self.cfg.critic_flow, self.cfg.critic_condition)
         return self._critic_updates(phi_s, phi_t, condition, 1)
 
     def warm_up_critic(self, steps: int, iterator) -> dict:
