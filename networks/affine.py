@@ -18,14 +18,14 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from ldr_tf.ops import losses, warp
+from ldr_tf.ops import warp
 from networks.layers import check_divisible, conv3d, spatial_size, track_layers
 
 __all__ = ["AffineStem", "AffineLiteStem"]
 
 
 class _AffineBase(keras.Model):
-    """Shared head: encoder features -> (W, b) -> A, affine flow, det and ortho losses."""
+    """Shared head: encoder features -> (W, b) -> A and the affine flow."""
 
     #: total stride and smallest legal size, set by subclasses
     stride = 64
@@ -82,8 +82,8 @@ class _AffineBase(keras.Model):
 
         Returns:
           dict with ``flow`` [B, D, H, W, 3] (displacement ``(A - I) x_c + b`` in voxels), ``A`` [B, 3, 3],
-          ``W`` [B, 3, 3] (= A - I), ``b`` [B, 3], ``det_loss`` [B] and ``ortho_loss`` [B] (unreduced
-          `ldr_tf.ops.losses.affine_det_loss` / `affine_ortho_loss` of A).
+          ``W`` [B, 3, 3] (= A - I), ``b`` [B, 3] (its regularisers are the training step's:
+          `ldr_tf.ops.losses.cascade_regularisers`).
         """
         size = spatial_size(pair.shape, 2, type(self).__name__)
         if self.image_size is not None and None not in size and size != self.image_size:
@@ -102,8 +102,6 @@ class _AffineBase(keras.Model):
             "A": A,
             "W": W,
             "b": b,
-            "det_loss": losses.affine_det_loss(A, "none"),
-            "ortho_loss": losses.affine_ortho_loss(A, "none"),
         }
 
 

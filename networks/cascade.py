@@ -15,7 +15,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from ldr_tf.ops import losses, warp
+from ldr_tf.ops import warp
 from networks.affine import AffineLiteStem, AffineStem
 from networks.layers import COMPUTE_DTYPES, check_divisible, dtype_policy, spatial_size, track_layers
 from networks.ldr import LDR, STUDENT_HEADS, LDRReleased
@@ -236,7 +236,7 @@ class RecursiveCascade(keras.Model):
 
         Returns:
           dict with ``flow`` [B, D, H, W, 3], ``warped`` [B, D, H, W, 1] (moving warped by it), ``A`` [B, 3, 3],
-          ``b`` [B, 3], ``det_loss`` and ``ortho_loss`` [B].
+          ``b`` [B, 3].
 
         Raises:
           ValueError: the cascade has no affine stage.
@@ -246,8 +246,7 @@ class RecursiveCascade(keras.Model):
         pair = tf.convert_to_tensor(pair, tf.float32)
         self._check_input(pair.shape)
         out, warped = self._affine(pair, training)
-        return {"flow": out["flow"], "warped": warped, "A": out["A"], "b": out["b"],
-                "det_loss": out["det_loss"], "ortho_loss": out["ortho_loss"]}  # fmt: skip
+        return {"flow": out["flow"], "warped": warped, "A": out["A"], "b": out["b"]}
 
     def call(self, pair, training=False):
         """Registers moving to fixed.
@@ -260,28 +259,25 @@ class RecursiveCascade(keras.Model):
           dict:
             ``flows``: list of each stem's own flow ``[B, D, H, W, 3]`` (affine stage first if present);
             ``agg_flow``: ``[B, D, H, W, 3]`` composed flow; ``warped``: ``[B, D, H, W, 1]`` original moving
-            image warped by it; ``smoothness``: ``[B]`` sum over the dense stems of the unreduced
-            `ldr_tf.ops.losses.smoothness_loss` of each stem's own flow; ``det_loss``, ``ortho_loss``: ``[B]``
-            (zeros without affine stage); ``A`` ``[B, 3, 3]``, ``b`` ``[B, 3]`` (identity / zeros without).
+            image warped by it; ``dense_flows``: the dense stems' own flows (``flows`` without the affine stage's);
+            ``A`` ``[B, 3, 3]``, ``b`` ``[B, 3]`` (identity / zeros without affine stage). The regularisers are
+            computed by the training step from these (`ldr_tf.ops.losses.cascade_regularisers`).
         """
         pair = tf.convert_to_tensor(pair, tf.float32)
         self._check_input(pair.shape)
         full_pair = pair
         fixed, moving = pair[..., :1], pair[..., 1:2]
         batch = tf.shape(pair)[0]
-        zeros = tf.zeros([batch], pair.dtype)
         flows = []
         agg = warped = None
         if self.affine_stem is not None:
             out, warped = self._affine(pair, training)
             affine_flow, A, b = out["flow"], out["A"], out["b"]
-            det, ortho = out["det_loss"], out["ortho_loss"]
             agg = affine_flow
             flows.append(affine_flow)
         else:
             A = tf.eye(3, batch_shape=[batch], dtype=pair.dtype)
             b = tf.zeros([batch, 3], pair.dtype)
-            det = ortho = zeros
         half = self.config.stem in HALF_RESOLUTION_STEMS
         if half:
             full_affine = agg
@@ -291,12 +287,12 @@ class RecursiveCascade(keras.Model):
                 affine_flow = warp.affine_to_flow(A, b / 2.0, tf.shape(fixed)[1:4])
                 agg = affine_flow
                 warped = warp.warp(moving, agg)
-        smoothness = zeros
+        dense_flows = []
         for k, stem in enumerate(self.dense_stems):
             inputs = pair if agg is None else tf.concat([fixed, warped], axis=-1)
             u = stem(inputs, training=training)  # [B, D, H, W, 3]
             flows.append(u)
-            smoothness = smoothness + losses.smoothness_loss(u, "none")
+            dense_flows.append(u)
             if agg is None:
                 agg = u
             elif k == 0:  # right after the affine stage: exact composition
@@ -318,9 +314,7 @@ class RecursiveCascade(keras.Model):
             "flows": flows,
             "agg_flow": agg,
             "warped": warped,
-            "smoothness": smoothness,
-            "det_loss": det,
-            "ortho_loss": ortho,
+            "dense_flows": dense_flows,
             "A": A,
             "b": b,
         }

@@ -4,7 +4,7 @@
     python -m networks.summary --size=128 --time          # + warm forward times (batch 1, tf.function)
 
 Cascades are timed as at inference: the traced function returns only ``agg_flow`` and ``warped`` (the
-training-only smoothness/affine losses are pruned).
+training-only outputs, the stems' own flows, are pruned).
 
 `count_macs` and `time_forward` are reusable (the benchmark imports them).
 """

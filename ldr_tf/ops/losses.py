@@ -24,6 +24,7 @@ __all__ = [
     "affine_ortho_loss",
     "sampled_dice_loss",
     "distillation_loss",
+    "cascade_regularisers",
     "DISTILL_KINDS",
 ]
 
@@ -189,3 +190,17 @@ def distillation_loss(phi_s, phi_t, kind: str = "l2", reduction: str = "sum") ->
     diff = dense_residual(phi_s) - tf.stop_gradient(dense_residual(phi_t))
     per_sample = tf.reduce_mean(tf.square(diff) if kind == "l2" else tf.abs(diff), axis=[1, 2, 3, 4])
     return reduce(per_sample, reduction)
+
+
+def cascade_regularisers(out: dict, has_affine: bool) -> dict:
+    """The regularisers of a `networks.cascade.RecursiveCascade` output, per sample (``[B]`` each):
+    ``smoothness`` (the sum over the dense stems of `smoothness_loss` of each stem's own flow), ``det_loss`` and
+    ``ortho_loss`` (of the affine stage's matrix; zeros without an affine stage)."""
+    zeros = tf.zeros(tf.shape(out["agg_flow"])[:1], out["agg_flow"].dtype)
+    smoothness = zeros
+    for u in out["dense_flows"]:
+        smoothness = smoothness + smoothness_loss(u, "none")
+    if not has_affine:
+        return {"smoothness": smoothness, "det_loss": zeros, "ortho_loss": zeros}
+    return {"smoothness": smoothness, "det_loss": affine_det_loss(out["A"], "none"),
+            "ortho_loss": affine_ortho_loss(out["A"], "none")}

@@ -208,7 +208,8 @@ class Trainer:
         with tf.GradientTape() as tape:
             out = self.model(pair, training=True)
             rec = losses.correlation_loss(fixed, out["warped"], "none")
-            regs = cfg.reg_weight * out["smoothness"] + cfg.affine_weight * (out["det_loss"] + out["ortho_loss"])
+            reg = losses.cascade_regularisers(out, self.model.affine_stem is not None)
+            regs = cfg.reg_weight * reg["smoothness"] + cfg.affine_weight * (reg["det_loss"] + reg["ortho_loss"])
             if cfg.seg_weight > 0:
                 seed = tf.stack([tf.constant(cfg.seed, tf.int64), self.step])
                 seg = losses.sampled_dice_loss(batch["fixed_seg"], batch["moving_seg"], out["agg_flow"],
@@ -228,9 +229,9 @@ class Trainer:
         logs = {
             "loss": loss,
             "rec": tf.reduce_sum(rec),
-            "smooth": tf.reduce_sum(out["smoothness"]),
-            "det": tf.reduce_sum(out["det_loss"]),
-            "ortho": tf.reduce_sum(out["ortho_loss"]),
+            "smooth": tf.reduce_sum(reg["smoothness"]),
+            "det": tf.reduce_sum(reg["det_loss"]),
+            "ortho": tf.reduce_sum(reg["ortho_loss"]),
         }
         if cfg.seg_weight > 0:
             logs["seg"] = tf.reduce_sum(seg)
