@@ -88,3 +88,28 @@ def test_shipped_brain_model_improves_a_real_pair(name, shared_data, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert "labels" not in result["preprocessing"]["crop"]
     assert result["dice"] > result["dice_before"] + 0.1, (result["dice_before"], result["dice"])
+
+
+def test_ship_a_run_as_a_pretrained_model(tmp_path, monkeypatch):
+    """tools/ship_pretrained: the export lands in the package folder with the card and no paths of this machine;
+    the previous version is replaced in one rename; the size limit is enforced."""
+    from tests.helpers import make_run, student_network
+    from tools import ship_pretrained
+
+    monkeypatch.setattr(pretrained, "HERE", tmp_path / "pretrained")
+    (tmp_path / "pretrained").mkdir()
+    run = make_run(tmp_path / "run", student_network(), dataset={"path": "/home/me/data/brain.json"})
+    card = {"summary": "test", "data": "d", "training": "t", "scores": {"dice": 0.5}, "intended_use": "u",
+            "limits": "l"}
+    dest = ship_pretrained.ship(str(run), "brain", card)
+    assert dest == tmp_path / "pretrained" / "brain-student" and pretrained.resolve("brain") == dest
+    meta = json.loads((dest / "ldr_tf_export.json").read_text())
+    assert meta["card"] == card and meta["checkpoint"] == "ckpt-1" and "/home/me" not in json.dumps(meta)
+    assert meta["training_data"]["path"] == "brain.json"
+    ship_pretrained.ship(str(run), "brain", {**card, "summary": "v2"})  # replaces the first version
+    assert pretrained.card("brain")["summary"] == "v2"
+    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == ["brain-student"]
+    monkeypatch.setattr(ship_pretrained, "LIMIT_MB", 0.01)
+    with pytest.raises(ValueError, match=r"would take .* MB \(limit 0 MB\)"):
+        ship_pretrained.ship(str(run), "brain", card)
+    assert pretrained.card("brain")["summary"] == "v2"  # the shipped model is untouched

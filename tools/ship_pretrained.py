@@ -38,8 +38,11 @@ def ship(run: str, name: str, card: dict, step: int | None = None) -> Path:
         out = savedmodel.export_run(run, Path(tmp) / "model", step=step)
         meta = savedmodel.load_metadata(out)
         meta["checkpoint"] = Path(meta["checkpoint"]).name
-        if isinstance(meta.get("training_data"), str):
-            meta["training_data"] = Path(meta["training_data"]).name
+        data = meta.get("training_data")
+        if isinstance(data, str):
+            meta["training_data"] = Path(data).name
+        elif isinstance(data, dict) and isinstance(data.get("path"), str):
+            meta["training_data"] = {**data, "path": Path(data["path"]).name}
         meta["card"] = card
         write_json(meta, out / savedmodel.METADATA)
         others = sum(folder_mb(p) for n, p in pretrained.installed().items() if n != name)
