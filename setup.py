@@ -38,10 +38,10 @@ setup(
         # grpcio: the serving client tests (stand-in gRPC server)
         "test": ["pytest>=8", "grpcio>=1.60"],
         # everything the optional tests need (.ci/run installs it, so that no test skips in CI)
-        "ci": ["pytest>=8", "grpcio>=1.60", "antspyx>=0.6", "pyyaml>=6"],
+        "ci": ["pytest>=8", "grpcio>=1.60", "antspyx>=0.6", "itk-elastix>=0.25", "pyyaml>=6"],
         # tools/serving (gRPC client). Also run `pip install --no-deps tensorflow-serving-api==2.21.0`: listing it
         # here would pull in the full `tensorflow` wheel next to tensorflow-cpu (its metadata requires it).
         "serving": ["grpcio>=1.60"],
-        "peers": ["antspyx>=0.6"],  # ANTs SyN for python -m ldr_tf.compare
+        "peers": ["antspyx>=0.6", "itk-elastix>=0.25"],  # ANTs SyN and elastix for python -m ldr_tf.compare
     },
 )

@@ -15,12 +15,15 @@ Methods (``--method=name=spec``, repeatable, in order):
 * ``ants:SyN`` (or any ANTsPy ``type_of_transform``, e.g. ``ants:Affine``): ANTs through ``antspyx``
   (``pip install .[peers]``), on the full native scans, labels resampled with ``genericLabel``; an optional third
   field sets the fraction of voxels the affine metric samples (``ants:Affine:1.0``; default 0.2, antspyx's): random
-  sampling makes runs differ, and on tiny volumes a sparse draw can diverge.
+  sampling makes runs differ, and on tiny volumes a sparse draw can diverge;
+* ``elastix`` (or ``elastix:<maps>``, e.g. ``elastix:rigid,affine,bspline``; default ``affine,bspline``): elastix's
+  default parameter maps through ``itk-elastix`` (``pip install .[peers]``), run by `ldr_tf.elastix` in a separate
+  process, on the full native scans, labels warped with nearest neighbour.
 
 Per method: mean and median (over pairs) of each pair's Dice and Jaccard (a pair's score = mean over the labels
 present in the fixed map, background excluded), % of fixed-grid voxels where the mapping folds (det J <= 0), and
 seconds per pair for the registration itself (learned: preprocessing + model + mapping back, the model call alone
-also given; ANTs: ``ants.registration``), all with ``--threads`` threads (default 2). Text table, JSON and a
+also given; ANTs: ``ants.registration``; elastix: the registration call), all with ``--threads`` threads (default 2). Text table, JSON and a
 Dice-vs-seconds figure (log scale).
 
 Example::
@@ -32,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -84,6 +88,7 @@ class Scan:
         from ldr_tf.data import nifti
 
         self.key = key
+        self.paths = paths
         self.image = nifti.load(paths["image"], "image")
         self.labels = nifti.load(paths["labels"], "labels", like=self.image) if paths["labels"] else None
 
@@ -219,6 +224,52 @@ class Ants(Method):
         return out
 
 
+class Elastix(Method):
+    """elastix (itk-elastix) with its default parameter maps, run by `ldr_tf.elastix` in a separate process (it crashed
+    inside the TensorFlow process); the moving labels are warped with nearest-neighbour interpolation."""
+
+    def __init__(self, name: str, maps=("affine", "bspline"), threads: int = 2, seed: int = 0,
+                 timeout: float = 1800.0):
+        import importlib.util
+
+        from ldr_tf.elastix import MAPS
+
+        if importlib.util.find_spec("itk") is None:
+            raise ValueError(f"method {name}: itk-elastix is not installed (pip install '.[peers]')")
+        bad = [m for m in maps if m not in MAPS]
+        if bad or not maps:
+            raise ValueError(f"method {name}: expected elastix[:<maps>] with maps among {','.join(MAPS)}, got "
+                             f"{','.join(maps)}")
+        self.name, self.maps, self.threads, self.seed, self.timeout = name, tuple(maps), threads, seed, timeout
+        self.parameters = None
+
+    def register(self, fixed, moving):
+        import subprocess
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ldr-elastix-") as tmp:
+            cmd = [sys.executable, "-m", "ldr_tf.elastix", f"--fixed={fixed.paths['image']}",
+                   f"--moving={moving.paths['image']}", f"--moving_labels={moving.paths['labels']}",
+                   f"--out_dir={tmp}", f"--maps={','.join(self.maps)}", f"--threads={self.threads}",
+                   f"--seed={self.seed}"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                raise ValueError(f"method {self.name}: elastix ran over {self.timeout:g} s on {moving.key}") from None
+            if proc.returncode != 0:
+                lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+                raise ValueError(f"method {self.name}: elastix failed on {fixed.key} <- {moving.key} (exit "
+                                 f"{proc.returncode}): {lines[-1] if lines else 'no message'}")
+            res = json.loads((Path(tmp) / "result.json").read_text())
+            labels = np.load(Path(tmp) / "labels.npy")
+            field = np.load(Path(tmp) / "field_vox.npy")
+        if labels.shape != fixed.image.shape[:3]:
+            raise ValueError(f"method {self.name}: elastix returned labels of shape {labels.shape}, expected the "
+                             f"fixed grid {fixed.image.shape[:3]}")
+        return {"labels": labels, "jac_field": field, "seconds": res["seconds"], "model_seconds": res["seconds"]}
+
+
 def parse_method(item: str, preprocessing, threads: int) -> Method:
     name, _, spec = item.partition("=")
     if not spec:
@@ -232,6 +283,9 @@ def parse_method(item: str, preprocessing, threads: int) -> Method:
         except ValueError:
             raise ValueError(f"method {name}: expected ants:<transform>[:<sampling rate>], got {spec}") from None
         return Ants(name, transform or "SyN", threads, **kw)
+    if spec == "elastix" or spec.startswith("elastix:"):
+        maps = spec.partition(":")[2]
+        return Elastix(name, tuple(maps.split(",")) if maps else ("affine", "bspline"), threads)
     if preprocessing is None:
         raise ValueError(f"method {name}: the dataset has no NIfTI preprocessing spec to repeat (was it made by the "
                          "import tools?)")
