@@ -212,3 +212,11 @@ def test_bfloat16_export_is_close_to_float32(student, tmp_path):
     err = np.abs(got["flow"].numpy() - ref)
     # bfloat16 keeps 8 mantissa bits in the convolutions: flows agree to a small fraction of their size
     assert err.mean() < 0.02 * np.abs(ref).mean() + 1e-3 and err.max() < 0.5
+
+
+def test_every_weight_is_stored_once(student):
+    """keras-team/keras#23553: ExportArchive.track() stored each weight twice (2x files, 2x memory in TF Serving)."""
+    stored = sum(int(np.prod(shape)) for name, shape in tf.train.list_variables(str(student["export"] / "variables" /
+                                                                                   "variables"))
+                 if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    assert stored == savedmodel.load_metadata(student["export"])["parameters"]

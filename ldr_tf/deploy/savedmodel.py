@@ -84,7 +84,9 @@ def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool 
     warp.set_xla_warp(use_xla)  # read when the endpoints are traced
     try:
         archive = keras.export.ExportArchive()
-        archive.track(model)
+        # No archive.track(model): the endpoints capture the model's tf.Variables themselves, and tracking the
+        # Keras wrappers as well stores every weight twice (keras-team/keras#23553: 2x the files, 2x the variable
+        # memory of every process that loads the export, TF Serving included).
         archive.add_endpoint("register", register, input_signature=[fixed, moving])
         archive.add_endpoint("register_labels", register_labels, input_signature=[fixed, moving, labels])
         archive.write_out(str(tmp), verbose=False)
