@@ -207,3 +207,40 @@ def dtype_policy(name: str):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+class DenseStem(keras.Model):
+    """Base of the dense stems (VTN, LDR, LDRReleased): ``pair [B, D, H, W, 2] -> flow [B, D, H, W, 3]`` in voxels.
+
+    Subclasses set ``stride`` (every spatial size must be a multiple), ``label`` and ``what`` (for errors) and
+    implement ``_forward(pair)``; ``_build_forward`` (default ``_forward``) is what `build` traces symbolically to
+    create the layers.
+    """
+
+    stride = 16
+    label = "stem"
+    what = "the stem"
+
+    def _forward(self, pair):  # pragma: no cover (interface)
+        raise NotImplementedError
+
+    def _build_forward(self, pair):
+        return self._forward(pair)
+
+    def build(self, input_shape):
+        check_divisible(spatial_size(input_shape, 2, self.label), self.stride, self.what)
+        self._build_forward(keras.KerasTensor(tuple(input_shape)))
+        self.built = True
+
+    def call(self, pair, training=False):
+        """Predicts a dense flow.
+
+        Args:
+          pair: ``[B, D, H, W, 2]`` = concat([fixed, moving]), sizes divisible by ``stride``.
+          training: unused (no dropout or normalisation).
+
+        Returns:
+          ``[B, D, H, W, 3]`` displacement in voxels.
+        """
+        check_divisible(spatial_size(pair.shape, 2, self.label), self.stride, self.what)
+        return self._forward(pair)

@@ -17,11 +17,10 @@ import keras
 
 from ldr_tf.ops import warp
 from networks.layers import (
-    check_divisible,
+    DenseStem,
     conv3d,
     conv3d_transpose,
     near_zero_initializer,
-    spatial_size,
     track_layers,
 )
 
@@ -41,7 +40,7 @@ def _flow_head_conv(kernel_size, transpose: bool, name: str):
 
 
 @keras.saving.register_keras_serializable(package="ldr_tf")
-class LDR(keras.Model):
+class LDR(DenseStem):
     """The paper's light-weight student.
 
     Encoder: four 4^3 stride-2 convolutions + ReLU with `channels` (16, 32, 64, 128) outputs: e1 at 1/2,
@@ -69,6 +68,7 @@ class LDR(keras.Model):
     """
 
     stride = 16
+    label, what = "LDR", "the LDR student"
 
     def __init__(
         self, channels=(16, 32, 64, 128), head: str = "upsample", flow_multiplier: float = 1.0, **kwargs
@@ -109,22 +109,9 @@ class LDR(keras.Model):
             x = keras.ops.concatenate([getattr(self, name)(x), skip], axis=-1)
         return self.flow_head(x)
 
-    def build(self, input_shape):
-        check_divisible(spatial_size(input_shape, 2, "LDR"), self.stride, "the LDR student")
-        self._raw(keras.KerasTensor(tuple(input_shape)))
-        self.built = True
+    _build_forward = _raw  # the layers; the upsampling and scaling below have no weights
 
-    def call(self, pair, training=False):
-        """Predicts a dense flow.
-
-        Args:
-          pair: ``[B, D, H, W, 2]`` = concat([fixed, moving]), sizes divisible by 16.
-          training: unused (no dropout or normalisation).
-
-        Returns:
-          ``[B, D, H, W, 3]`` displacement in voxels.
-        """
-        check_divisible(spatial_size(pair.shape, 2, "LDR"), self.stride, "the LDR student")
+    def _forward(self, pair):
         flow = self._raw(pair)
         if self.head == "upsample":
             flow = warp.upsample_flow(flow, 2)
@@ -140,7 +127,7 @@ class LDR(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="ldr_tf")
-class LDRReleased(keras.Model):
+class LDRReleased(DenseStem):
     """The student as the original code released it (LDR ``base_networks.LDR``, reference 2.3).
 
     All convolutions 3^3 + LeakyReLU(0.1). Encoder conv1..conv4, stride 2, widths `encoders` (32, 32, 32, 16).
@@ -159,6 +146,7 @@ class LDRReleased(keras.Model):
     """
 
     stride = 16
+    label, what = "LDRReleased", "the released LDR student"
 
     def __init__(
         self,
@@ -199,16 +187,6 @@ class LDRReleased(keras.Model):
         x = self.decode0(keras.ops.concatenate([self.upsample(x), skips[0]], axis=-1))
         x = self.decode0_1(x)
         return self.flow_head(x) * self.flow_multiplier
-
-    def build(self, input_shape):
-        check_divisible(spatial_size(input_shape, 2, "LDRReleased"), self.stride, "the released LDR student")
-        self._forward(keras.KerasTensor(tuple(input_shape)))
-        self.built = True
-
-    def call(self, pair, training=False):
-        """Predicts a dense flow: ``pair`` [B, D, H, W, 2] -> ``[B, D, H, W, 3]`` in voxels."""
-        check_divisible(spatial_size(pair.shape, 2, "LDRReleased"), self.stride, "the released LDR student")
-        return self._forward(pair)
 
     def get_config(self):
         return {

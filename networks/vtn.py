@@ -8,11 +8,10 @@ from __future__ import annotations
 import keras
 
 from networks.layers import (
-    check_divisible,
+    DenseStem,
     conv3d,
     conv3d_transpose,
     near_zero_initializer,
-    spatial_size,
     track_layers,
 )
 
@@ -20,7 +19,7 @@ __all__ = ["VTN"]
 
 
 @keras.saving.register_keras_serializable(package="ldr_tf")
-class VTN(keras.Model):
+class VTN(DenseStem):
     """VTN dense flow network.
 
     Encoder (3^3 convs + LeakyReLU 0.1): conv1 c /2, conv2 2c /2, conv3 4c /2, conv3_1 4c, conv4 8c /2,
@@ -43,6 +42,7 @@ class VTN(keras.Model):
     """
 
     stride = 64
+    label, what = "VTN", "the VTN stem"
 
     def __init__(self, channels: int = 16, flow_multiplier: float = 1.0, identity_init: bool = True, **kwargs):
         super().__init__(**kwargs)
@@ -83,24 +83,6 @@ class VTN(keras.Model):
             up = getattr(self, upsamp)(getattr(self, pred)(x))  # [B, 2d, 2h, 2w, 3]
             x = keras.ops.concatenate([feats[skip], getattr(self, deconv)(x), up], axis=-1)
         return self.pred0(x) * (20.0 * self.flow_multiplier)
-
-    def build(self, input_shape):
-        check_divisible(spatial_size(input_shape, 2, "VTN"), self.stride, "the VTN stem")
-        self._forward(keras.KerasTensor(tuple(input_shape)))
-        self.built = True
-
-    def call(self, pair, training=False):
-        """Predicts a dense flow.
-
-        Args:
-          pair: ``[B, D, H, W, 2]`` = concat([fixed, moving]), sizes divisible by 64.
-          training: unused (no dropout or normalisation).
-
-        Returns:
-          ``[B, D, H, W, 3]`` displacement in voxels.
-        """
-        check_divisible(spatial_size(pair.shape, 2, "VTN"), self.stride, "the VTN stem")
-        return self._forward(pair)
 
     def get_config(self):
         return {"channels": self.channels, "flow_multiplier": self.flow_multiplier,
