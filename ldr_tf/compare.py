@@ -152,8 +152,10 @@ class Learned(Method):
         # Label maps reach the preprocessing only when the recipe crops or masks to labels (the old atlas
         # recipes); label-free recipes (brain-head) see the images alone, as ANTs does.
         t = time.perf_counter()
-        pair = prepare_pair(self.spec, {"fixed": fixed.image, "moving": moving.image, "fixed_seg": fixed.labels,
-                                        "moving_seg": moving.labels})
+        crop = self.spec.needs_labels  # labels reach the preprocessing only when it crops to them
+        pair = prepare_pair(self.spec, {"fixed": fixed.image, "moving": moving.image,
+                                        "fixed_seg": fixed.labels if crop else None,
+                                        "moving_seg": moving.labels if crop else None}, before=False)
         t_model = time.perf_counter()
         res = self.registrar(model_input(pair["fixed"]), model_input(pair["moving"]))
         model_s = time.perf_counter() - t_model

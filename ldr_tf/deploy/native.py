@@ -107,13 +107,24 @@ def sample_native(data, coords, labels: bool = False):
 # ------------------------------------------------------------------------------------------- one pair
 
 
-def prepare_pair(spec, loaded: dict, compile_samplers: bool = False) -> dict:
+def labels_before(f_img, m_img, m_labels: np.ndarray, f_shape) -> np.ndarray:
+    """The moving labels on the fixed scan's grid through the two NIfTI affines only ("before registration")."""
+    from ldr_tf.ops.sampling import sample_affine
+
+    to_moving = np.linalg.inv(m_img.affine) @ f_img.affine
+    if m_img.shape[:3] == f_img.shape[:3] and np.allclose(to_moving, np.eye(4), atol=1e-5):
+        return m_labels  # same grid: nothing to resample
+    return sample_affine(m_labels, to_moving, tuple(f_shape), mode="labels")
+
+
+def prepare_pair(spec, loaded: dict, compile_samplers: bool = False, before: bool = True) -> dict:
     """Both scans of a loaded pair on the network grid (`ldr_tf.data.preprocess.apply`), as `Predictor.start` needs them.
 
     Recipes that crop or mask to labels use the label boxes only when both label maps are there; otherwise both
     scans are taken whole and ``note`` says so. ``compile_samplers``: also compile the pull-back sampler for this
     pair's shapes (one slab on a zero flow), so that a background thread pays the compilation while the model
-    loads. Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom", "moving_geom", "seconds"}``.
+    loads. Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom", "moving_geom", "seconds"}``
+    and, with both label maps and `before`, ``"before_labels"`` (`labels_before`).
     """
     from ldr_tf.data import preprocess
 
@@ -130,7 +141,10 @@ def prepare_pair(spec, loaded: dict, compile_samplers: bool = False) -> dict:
     f_vol, _, _, f_geom = preprocess.apply(used, f_img, crop_f, want_labels=False)
     m_vol, _, _, m_geom = preprocess.apply(used, m_img, crop_m, want_labels=False)
     out = {"spec": spec, "spec_used": used, "note": note, "fixed": f_vol, "moving": m_vol, "fixed_geom": f_geom,
-           "moving_geom": m_geom, "seconds": time.perf_counter() - t}
+           "moving_geom": m_geom}
+    if before and f_lab is not None and m_lab is not None:  # the "before" score's labels, here so a reader thread does it
+        out["before_labels"] = labels_before(f_img, m_img, np.asarray(m_lab.dataobj), f_geom.source_shape)
+    out["seconds"] = time.perf_counter() - t
     if compile_samplers:
         from ldr_tf.ops.sampling import compile_pull_back
 
@@ -229,7 +243,7 @@ class Predictor:
         """
         from ldr_tf.ops import metrics
         from ldr_tf.data import nifti, preprocess
-        from ldr_tf.ops.sampling import pull_back, sample_affine
+        from ldr_tf.ops.sampling import pull_back
 
         out_dir = Path(out_dir)
         self.check_outputs(out_dir, overwrite)
@@ -280,12 +294,9 @@ class Predictor:
                       "preprocessing": spec.to_dict(), "preprocessing_note": note}
             if f_lab is not None and m_lab is not None:
                 f_native = np.asarray(f_lab.dataobj)
-                # before registration: the moving labels on the fixed grid through the NIfTI affines only
-                to_moving = np.linalg.inv(m_img.affine) @ f_img.affine
-                if m_img.shape[:3] == f_img.shape[:3] and np.allclose(to_moving, np.eye(4), atol=1e-5):
-                    before = m_labels  # same grid: nothing to resample
-                else:
-                    before = sample_affine(m_labels, to_moving, f_geom.source_shape, mode="labels")
+                before = prepared.get("before_labels")
+                if before is None:
+                    before = labels_before(f_img, m_img, m_labels, f_geom.source_shape)
                 b = metrics.label_overlap(f_native, before)
                 a = metrics.label_overlap(f_native, warped_seg)
                 result.update(dice_before=b["dice"], jaccard_before=b["jaccard"], dice=a["dice"],
