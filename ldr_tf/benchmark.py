@@ -339,7 +339,7 @@ def run(s: Settings) -> dict:
                 continue
             finally:
                 if own_tmp and case.source == "built" and case.path is not None:
-                    shutil.rmtree(case.path, ignore_errors=True)  # a 3-cascade teacher export is ~0.4 GB
+                    shutil.rmtree(case.path, ignore_errors=True)  # a 3-cascade teacher export is ~0.2 GB
                     row["path"] = None
             if not row["finite"]:
                 row["error"] = "non-finite outputs"
@@ -402,7 +402,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("inter_threads", 0, "Inter-op threads (0 = TF default).")
     flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
     flags.DEFINE_string("work_dir", None, "Where the exports are written and kept (default: a temporary directory; "
-                        "each export is removed once measured). The full matrix of 48 exports takes ~14 GB.")  # fmt: skip
+                        "each export is removed once measured). The full matrix of 48 exports takes ~7 GB.")  # fmt: skip
     flags.DEFINE_bool("reuse_exports", False, "With --work_dir: reuse an export written there by an earlier run "
                       "for the same network, variant and seed instead of exporting again.")  # fmt: skip
     flags.DEFINE_string("out", None, "JSON file for all results (written atomically).")
