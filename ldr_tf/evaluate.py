@@ -51,7 +51,8 @@ def define_flags() -> None:
         return
     common_flags.define_data_flags()
     common_flags.define_runtime_flags()
-    flags.DEFINE_string("model", None, "SavedModel directory, training run directory, or 'identity'.")
+    flags.DEFINE_string("model", None, "SavedModel directory, training run directory, a pretrained name (brain) or "
+                        "'identity'.")
     flags.DEFINE_enum("stage", "full", ["full", "affine"], "affine: only the model's affine first stage (run dir).")
     flags.DEFINE_string("subset", "2", "Scheme (e.g. 2 = validation) or subset name to evaluate.")
     flags.DEFINE_bool("paired", False, "Pair neighbours (a,b),(b,a) instead of all ordered pairs.")

@@ -306,3 +306,32 @@ def test_direct_distillation_and_the_residual_warped_critic(tmp_path, data_dir, 
 def test_distill_needs_a_teacher(tmp_path, data_dir):
     with pytest.raises(ValueError, match="--distill=l1 needs --teacher"):
         _cfg(tmp_path / "x", data_dir, distill="l1").validate()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, data_dir):
+    """`kill` (SIGTERM) stops a run like Ctrl-C: a checkpoint of the current step, exit 130, resumable."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "ldr_tf.train", f"--data_dir={data_dir}", "--dataset=demo", f"--image_size={SIZE}",
+            "--model=student", "--noaldk", "--affine=none", "--cascades=1", "--batch=1", "--steps=100000",
+            "--val_every=0", "--checkpoint_every=100000", "--log_every=1", f"--out_dir={out}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+
+        def summary_bytes():  # the event file grows with every step's summaries (--log_every=1)
+            return sum(f.stat().st_size for f in (out / "logs").glob("events*")) if (out / "logs").is_dir() else 0
+
+        while time.time() < deadline and summary_bytes() < 2000:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err.strip().splitlines()[-1]
+    ckpts = list((out / "checkpoints").glob("ckpt-*.index"))
+    assert len(ckpts) == 1 and int(ckpts[0].name.split("-")[1].split(".")[0]) > 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -68,10 +67,11 @@ def main() -> int:
               f"{meta.get('trained_steps')} training steps")
         for key in ("summary", "data", "training", "scores", "intended_use", "limits"):
             if c.get(key):
-                value = c[key] if isinstance(c[key], str) else json.dumps(c[key])
+                value = c[key]
+                if isinstance(value, dict) and isinstance(value.get("note"), str):
+                    value = value["note"]  # the scores' summary line (the figures stay in ldr_tf_export.json)
+                value = value if isinstance(value, str) else json.dumps(value)
                 print(f"  {key}: {value}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

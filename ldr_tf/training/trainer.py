@@ -24,8 +24,11 @@ resumed run continues exactly where the checkpoint left it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +86,23 @@ def make_schedule(kind: str, base: float, total_steps: int):
     if kind == "cosine":
         return keras.optimizers.schedules.CosineDecay(base, max(total_steps, 1))
     raise ValueError(f"--lr_schedule: unknown schedule {kind!r}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (so it checkpoints like Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _is_chief(strategy) -> bool:
@@ -342,7 +362,15 @@ class Trainer:
         self.writer.flush()
 
     def fit(self, progress: bool = True) -> dict:
-        """Trains from the current step to ``cfg.steps``. Returns the last logs (per-pair means) and validation."""
+        """Trains from the current step to ``cfg.steps``. Returns the last logs (per-pair means) and validation.
+
+        Ctrl-C (SIGINT) and SIGTERM (``kill``, job schedulers, ``docker stop``) save a checkpoint of the current step
+        before the run stops (then KeyboardInterrupt propagates); resume with ``--resume``.
+        """
+        with _sigterm_as_interrupt():
+            return self._fit(progress)
+
+    def _fit(self, progress: bool) -> dict:
         cfg = self.cfg
         start = int(self.step.numpy())
         history = {"val": []}
