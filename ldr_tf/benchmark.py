@@ -45,10 +45,9 @@ from pathlib import Path
 from absl import flags
 
 from ldr_tf import cpu
-from ldr_tf.deploy.benchmark_report import (NOT_JUDGED, SHORT_DTYPE, _target_lines, add_derived, format_table,
+from ldr_tf.deploy.benchmark_report import (NOT_JUDGED, SHORT_DTYPE, add_derived, format_table, target_lines,
                                             target_report, targets_judged)
-from ldr_tf.deploy.timing import (_apply_threads, _loadavg, machine_info, measure_conv_peak, run_worker,
-                                  tf_runtime_info, worker_main)
+from ldr_tf.deploy.timing import apply_threads, measure_conv_peak, run_worker, tf_runtime_info, worker_main
 
 FLAGS = flags.FLAGS
 PROG = "ldr_tf.benchmark"
@@ -60,28 +59,29 @@ __all__ = ["Case", "Settings", "run", "add_derived", "format_table", "target_rep
 
 @dataclasses.dataclass
 class Settings:
-    """What to benchmark and how (the flags of ``python -m ldr_tf.benchmark``, read in `main`)."""
+    """What to benchmark and how: the flags of ``python -m ldr_tf.benchmark`` (defaults and help in `define_flags`),
+    read in `main`."""
 
-    sizes: list = dataclasses.field(default_factory=lambda: ["128", "64"])
-    cascades: list = dataclasses.field(default_factory=lambda: ["1", "2", "3"])
-    kinds: list = dataclasses.field(default_factory=lambda: list(KINDS))
-    xla: list = dataclasses.field(default_factory=lambda: ["on"])
-    bfloat16: list = dataclasses.field(default_factory=lambda: ["off"])
-    teacher_channels: int = 16
-    student_stem: str = "ldr"
-    student_affine: str = "lite"
-    student_head: str | None = None
-    models: list = dataclasses.field(default_factory=list)
-    runs: int = 10
-    warmup: int = 1
-    conv_peak_runs: int = 10
-    threads: int = 0
-    inter_threads: int = 0
-    seed: int = 0
-    work_dir: str | None = None
-    reuse_exports: bool = False
-    out: str | None = None
-    worker_timeout: float = 600.0
+    sizes: list
+    cascades: list
+    kinds: list
+    xla: list
+    bfloat16: list
+    teacher_channels: int
+    student_stem: str
+    student_affine: str
+    student_head: str | None
+    models: list
+    runs: int
+    warmup: int
+    conv_peak_runs: int
+    threads: int
+    inter_threads: int
+    seed: int
+    work_dir: str | None
+    reuse_exports: bool
+    out: str | None
+    worker_timeout: float
 
 
 # --------------------------------------------------------------------------------------------------- cases
@@ -284,8 +284,8 @@ def run(s: Settings) -> dict:
     """Runs the benchmark described by `s`; prints progress; returns the JSON payload."""
     _check_settings(s)
     cases = _export_cases(s.models) if s.models else _built_cases(s)  # bad configs fail here, early
-    _apply_threads(s.threads, s.inter_threads)  # the conv peak below runs in this process
-    machine = machine_info()
+    apply_threads(s.threads, s.inter_threads)  # the conv peak below runs in this process
+    machine = cpu.machine_info()
     runtime = tf_runtime_info()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"{PROG}: {machine['cpu_model']}, {machine['cpu_count']} CPUs ({machine['cpus_usable']} usable), "
@@ -359,7 +359,7 @@ def run(s: Settings) -> dict:
         payload["complete"] = True
     finally:
         add_derived(rows, payload["conv_peak"]["gflop_per_s"])
-        payload["machine"]["loadavg_end"] = _loadavg()
+        payload["machine"]["loadavg_end"] = cpu.loadavg()
         payload["wall_s"] = time.perf_counter() - t_start
         payload["targets"] = target_report(rows)
         payload["targets_judged"] = targets_judged(runtime, rows)
@@ -431,7 +431,7 @@ def main(argv) -> int:
           "peak MB: whole process; call MB: the calls above the loaded model. S/T time: student median / "
           "teacher median (< 1: student faster). load: 1-min load average after the row (2 cores).")  # fmt: skip
     print(format_table(payload["rows"]))
-    lines = _target_lines(payload["targets"])
+    lines = target_lines(payload["targets"])
     if lines and not payload["targets_judged"]:
         print(f"Targets: not judged ({NOT_JUDGED})")
     elif lines:

@@ -234,15 +234,15 @@ class Elastix(Method):
                  timeout: float = 1800.0):
         import importlib.util
 
-        from ldr_tf.elastix import MAPS
+        from ldr_tf.elastix import check_maps
 
         if importlib.util.find_spec("itk") is None:
             raise ValueError(f"method {name}: itk-elastix is not installed (pip install '.[peers]')")
-        bad = [m for m in maps if m not in MAPS]
-        if bad or not maps:
-            raise ValueError(f"method {name}: expected elastix[:<maps>] with maps among {','.join(MAPS)}, got "
-                             f"{','.join(maps)}")
-        self.name, self.maps, self.threads, self.seed, self.timeout = name, tuple(maps), threads, seed, timeout
+        try:
+            maps = check_maps(maps)
+        except ValueError as e:
+            raise ValueError(f"method {name}: expected elastix[:<maps>]; {e}") from None
+        self.name, self.maps, self.threads, self.seed, self.timeout = name, maps, threads, seed, timeout
         self.parameters = None
 
     def register(self, fixed, moving):

@@ -27,6 +27,16 @@ import numpy as np
 MAPS = ("translation", "rigid", "affine", "bspline")
 
 
+def check_maps(maps) -> tuple:
+    """`maps` as a tuple; ValueError unless it is a non-empty subset of `MAPS`."""
+    maps = tuple(maps)
+    bad = [m for m in maps if m not in MAPS]
+    if bad or not maps:
+        raise ValueError(f"elastix maps: expected a comma-separated subset of {','.join(MAPS)}, got "
+                         f"{','.join(maps) or 'nothing'}")
+    return maps
+
+
 def register(fixed: str, moving: str, moving_labels: str, out_dir, maps=("affine", "bspline"), threads: int = 2,
              seed: int = 0) -> dict:
     """Registers `moving` to `fixed` with elastix and writes the outputs of the module docstring into `out_dir`."""
@@ -34,9 +44,7 @@ def register(fixed: str, moving: str, moving_labels: str, out_dir, maps=("affine
         import itk
     except ImportError:
         raise ValueError("elastix: itk-elastix is not installed (pip install '.[peers]')") from None
-    bad = [m for m in maps if m not in MAPS]
-    if bad or not maps:
-        raise ValueError(f"--maps: expected a comma-separated subset of {','.join(MAPS)}, got {','.join(maps)}")
+    maps = check_maps(maps)
     t0 = time.perf_counter()
     f = itk.imread(str(fixed), itk.F)
     m = itk.imread(str(moving), itk.F)

@@ -129,7 +129,7 @@ def target_report(rows: list) -> list:
     return report
 
 
-def _target_lines(report: list) -> list:
+def target_lines(report: list) -> list:
     lines = []
     for t in report:
         ok = lambda b: "n/a" if b is None else ("PASS" if b else "MISS")  # noqa: E731

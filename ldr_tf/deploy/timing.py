@@ -28,10 +28,6 @@ def _read(path: str) -> str:
         return ""
 
 
-machine_info = cpu.machine_info
-_loadavg = cpu.loadavg
-
-
 def tf_runtime_info() -> dict:
     """TensorFlow version, thread settings and oneDNN state of this process (imports TensorFlow)."""
     import tensorflow as tf
@@ -46,7 +42,7 @@ def tf_runtime_info() -> dict:
     }
 
 
-def _apply_threads(threads: int, inter_threads: int) -> None:
+def apply_threads(threads: int, inter_threads: int) -> None:
     import tensorflow as tf
 
     if threads:
@@ -210,10 +206,10 @@ def worker_main(model_dir: str, out: str, runs: int, warmup: int, seed: int, thr
     import tensorflow as tf  # noqa: F401
 
     import_s = time.perf_counter() - import_t0
-    _apply_threads(threads, inter_threads)
-    loadavg = _loadavg()
+    apply_threads(threads, inter_threads)
+    loadavg = cpu.loadavg()
     res = measure_export(model_dir, runs=runs, warmup=warmup, seed=seed)
-    res.update({"import_s": import_s, "runtime": tf_runtime_info(), "loadavg": [loadavg, _loadavg()]})
+    res.update({"import_s": import_s, "runtime": tf_runtime_info(), "loadavg": [loadavg, cpu.loadavg()]})
     from ldr_tf.atomic import write_json
 
     write_json(res, out)

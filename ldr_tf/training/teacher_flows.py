@@ -85,12 +85,7 @@ def load_registration_fn(path: str | os.PathLike, trainable: bool = False):
     """
     from ldr_tf.deploy.loader import open_registrar
 
-    if not Path(path).exists() and str(path) != "identity":
-        from ldr_tf import pretrained
-
-        if str(path) not in pretrained.MODELS:
-            raise ValueError(f"{path}: teacher not found (give a training run directory or an exported SavedModel)")
-    reg = open_registrar(path)
+    reg = open_registrar(path)  # one-line errors for a missing or wrong model
     if reg.model is not None:
         reg.model.trainable = trainable
 
