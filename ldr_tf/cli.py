@@ -14,6 +14,7 @@ with its own flags (tests, recipes that call a tool).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -41,12 +42,32 @@ def report(prog: str, e: BaseException) -> int:
     raise e
 
 
-def run(main, prog: str) -> None:
+def _exit_now(status) -> None:
+    """Ends the process at once with `status` (after flushing the standard streams and the logging handlers).
+
+    Used by short commands whose outputs are all closed and in place when `main` returns: Python's normal exit
+    tears TensorFlow down (its thread pools, kernels, XLA and oneDNN caches), which took 0.9 s of a 7 s predict
+    run on 2 cores and is of no use to anyone.
+    """
+    import logging
+
+    code = status if isinstance(status, int) else (0 if status is None else 1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
+def run(main, prog: str, fast_exit: bool = False) -> None:
     """``app.run(main)`` with the exit statuses and one-line messages above.
 
     Expected failures are `UsageError` and flag errors (exit 2), ValueError (bad arguments, bad files:
     `ldr_tf.data.dataset.DatasetError`, ...) and OSError (unreadable / unwritable paths) (exit 1), KeyboardInterrupt
-    (exit 130).
+    (exit 130). `fast_exit`: end the process as soon as `main` returns or fails as above, without Python's
+    interpreter shutdown (`_exit_now`), for commands that leave no file open and no thread writing when they return.
     """
 
     def parse(argv):
@@ -60,9 +81,14 @@ def run(main, prog: str) -> None:
 
         logging.getLogger("tensorflow").setLevel(logging.WARNING)  # TF's INFO chatter (signatures, savers)
         try:
-            return main(argv)
+            status = main(argv)
         except (ValueError, OSError, KeyboardInterrupt) as e:
-            sys.exit(report(prog, e))
+            status = report(prog, e)
+            if not fast_exit:
+                sys.exit(status)
+        if fast_exit:
+            _exit_now(status)
+        return status
 
     app.run(wrapped, flags_parser=parse)
 

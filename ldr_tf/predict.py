@@ -8,12 +8,14 @@ stored in the export's ``ldr_tf_export.json``, or ``--preprocessing``), run the 
   through the registration; it has the fixed scan's shape and affine;
 * ``warped_seg.nii.gz`` (with ``--moving_seg``): the moving label map warped the same way without mixing labels
   (label-aware trilinear: every voxel holds one of the moving map's labels);
-* ``flow_vox.nii.gz``: the displacement field on the fixed grid, ``[X, Y, Z, 1, 3]`` float32 (NIfTI intent
+* ``flow_vox.nii``: the displacement field on the fixed grid, ``[X, Y, Z, 1, 3]`` float32 (NIfTI intent
   ``vector``), in voxels of the **moving** scan, pull convention: fixed voxel ``p`` corresponds to moving voxel
   ``p + d(p)``, i.e. ``warped(p) = moving(p + d(p))``;
-* ``flow_mm_lps.nii.gz`` (with ``--mm``): the same correspondence in millimetres as LPS+ physical vectors, the
+* ``flow_mm_lps.nii`` (with ``--mm``): the same correspondence in millimetres as LPS+ physical vectors, the
   displacement-field convention of ITK and ANTs (``antsApplyTransforms -r fixed -i moving -t flow_mm_lps.nii.gz``
-  resamples the moving scan onto the fixed one). ITK reads intent ``vector`` components as LPS as they are;
+  resamples the moving scan onto the fixed one). ITK reads intent ``vector`` components as LPS as they are.
+  The two flows are not gzipped: a float displacement field compresses by only ~25 % and gzip took 1.7 s of a
+  one-pair run (``gzip flow_vox.nii`` afterwards if disk space matters: every reader takes ``.nii.gz`` too);
 * ``result.json``: input files, model, the preprocessing used, timings in seconds (``load``, ``preprocess``,
   ``model``, ``map_back``, ``metrics``, ``write``; ``model_load`` and ``warmup`` once per call) and, with both label
   maps, Dice/Jaccard before (the moving labels brought onto the fixed grid through the NIfTI affines only) and after
@@ -49,7 +51,7 @@ from absl import flags
 from flags import common_flags
 from ldr_tf import cli
 from ldr_tf.atomic import check_writable
-from ldr_tf.deploy.native import Predictor, load_pair, resolve_preprocessing, run_pairs
+from ldr_tf.deploy.native import Predictor, compile_for, load_pair, prepare_pair, resolve_preprocessing, run_pairs
 
 FLAGS = flags.FLAGS
 PROG = "ldr_tf.predict"
@@ -75,9 +77,9 @@ def define_pair_flags(fv=FLAGS) -> None:
                       flag_values=fv)
     flags.DEFINE_bool("mm", False, "Also write flow_mm_lps.nii.gz (ITK/ANTs displacement field in mm).",
                       flag_values=fv)
-    flags.DEFINE_bool("warmup", None, "Run the model once on zeros first, so 'model' times a warm call (default: "
-                      "with --pairs only; a single pair's 'model' then includes the first call's graph set-up).",
-                      flag_values=fv)
+    flags.DEFINE_bool("warmup", True, "Run the model once on zeros before the first pair (in predict: while the "
+                      "first pair is read, so that the first call's one-off graph set-up, timed as 'warmup', "
+                      "overlaps reading and preprocessing); 'model' then times a warm call.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=fv)
 
 
@@ -149,6 +151,23 @@ def pairs_from_flags(fv) -> list:
 # ------------------------------------------------------------------------------------------- CLI
 
 
+def _prepare(loaded, spec, compiled: bool) -> dict:
+    """The pair read by a `load_pair` future, put on the grid (`deploy.native.prepare_pair`)."""
+    pair = loaded.result()
+    return {**pair, "prepared": prepare_pair(spec, pair, compiled=compiled)}
+
+
+def _compile(loaded, grid, mm: bool) -> None:
+    """Compiles the pull-back for the pair of a `load_pair` future; a pair that failed to load is reported by
+    `_prepare`'s future instead."""
+    try:
+        pair = loaded.result()
+    except (ValueError, OSError):
+        return
+    compile_for(pair, grid, mm)
+
+
+
 def _main(fv) -> int:
     if not fv.model or not fv.out_dir:
         raise cli.UsageError("--model (an exported SavedModel directory or a pretrained name, e.g. brain) and "
@@ -169,21 +188,28 @@ def _main(fv) -> int:
         Predictor.check_outputs(out_dir / p["name"] if p["name"] else out_dir, fv.overwrite)
     if fv.pairs and (out_dir / "results.json").exists() and not fv.overwrite:
         raise ValueError(f"{out_dir / 'results.json'}: already exists (add --overwrite to replace the outputs)")
-    common_flags.apply_runtime_flags(fv)
-    from ldr_tf.deploy.loader import inference_only, open_registrar
-
-    inference_only()
-    # The first pair is read, put on the grid and the samplers compiled for its shapes while the model loads (the
-    # export's metadata says the grid and the preprocessing without loading TensorFlow's graph).
+    # The first pair is read while TensorFlow is imported (NIfTI reading does not use it), then put on the grid and
+    # the pull-back sampler compiled for its shapes while the model loads and warms up. The export's metadata says
+    # the grid and the preprocessing without loading TensorFlow's graph.
     from ldr_tf.deploy.savedmodel import load_metadata
 
     metadata = load_metadata(model) if (model / "ldr_tf_export.json").is_file() else {}
-    first = None
+    first = compiling = None
     if metadata.get("image_size"):
         spec = resolve_preprocessing(fv.preprocessing, metadata, metadata["image_size"], fv.no_crop)
-        reader = ThreadPoolExecutor(max_workers=1)
+        # Two workers when the pair has labels (the label sampler's compilation, ~1.5 s, then runs beside the
+        # preprocessing); one otherwise (measured faster: the preprocessing is not slowed by the short compilation).
+        reader = ThreadPoolExecutor(max_workers=2 if pairs[0]["moving_seg"] else 1)
         p0 = pairs[0]
-        first = reader.submit(load_pair, p0["fixed"], p0["moving"], p0["moving_seg"], p0["fixed_seg"], spec, True)
+        loaded = reader.submit(load_pair, p0["fixed"], p0["moving"], p0["moving_seg"], p0["fixed_seg"])
+    common_flags.apply_runtime_flags(fv)  # imports TensorFlow; thread settings before any TensorFlow op
+    from ldr_tf.deploy.loader import inference_only, open_registrar
+
+    inference_only()
+    if metadata.get("image_size"):
+        # one pair: resample eagerly (compiling the resampler for one use costs more than it saves)
+        first = reader.submit(_prepare, loaded, spec, len(pairs) > 1)
+        compiling = reader.submit(_compile, loaded, spec.grid_size, fv.mm)
         reader.shutdown(wait=False)
     t = time.perf_counter()
     registrar = open_registrar(model)
@@ -194,8 +220,10 @@ def _main(fv) -> int:
     info["path"] = str(model)
     predictor = Predictor(registrar, spec, info)
     predictor.session_seconds["model_load"] = load_s
-    if fv.warmup if fv.warmup is not None else len(pairs) > 1:
+    if fv.warmup:
         predictor.warmup()
+    if compiling is not None:
+        compiling.result()
     results = run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, first=first)
     if fv.pairs:
         from ldr_tf.atomic import write_json
@@ -218,4 +246,4 @@ def run(argv) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, PROG)
+    cli.run(main, PROG, fast_exit=True)

@@ -123,3 +123,22 @@ def test_save_roundtrip_and_atomic(tmp_path, rng):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.nii.gz"]
     with pytest.raises(ValueError, match="nii"):
         nifti.save(a, LAS, tmp_path / "z.img")
+
+
+def test_gzip_bytes_is_one_gzip_member_in_parallel_pieces(tmp_path, rng, monkeypatch):
+    import gzip
+
+    data = rng.integers(0, 4, 50_000).astype(np.uint8).tobytes() + bytes(20_000)  # some entropy, some zeros
+    monkeypatch.setattr(nifti, "GZIP_CHUNK", 7_000)  # 10 pieces
+    packed = nifti.gzip_bytes(data, threads=3)
+    assert gzip.decompress(packed) == data and packed[:2] == b"\x1f\x8b"
+    assert len(packed) < len(data) // 2
+    assert gzip.decompress(nifti.gzip_bytes(b"")) == b""
+    # a multi-piece .nii.gz reads back through nibabel; a truncated one fails our checked load
+    a = rng.normal(size=(20, 30, 40)).astype(np.float32)
+    out = nifti.save(a, LAS, tmp_path / "big.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), a)
+    np.testing.assert_array_equal(np.asarray(nifti.load(out, "image").dataobj), a)
+    (tmp_path / "cut.nii.gz").write_bytes(out.read_bytes()[:-100])
+    with pytest.raises(nifti.NiftiError, match="cut.nii.gz"):
+        nifti.load(tmp_path / "cut.nii.gz", "image")

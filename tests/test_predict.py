@@ -36,12 +36,12 @@ def test_outputs_live_on_the_fixed_grid_with_the_documented_conventions(student,
     f = nib.load(scans["fixed"])
     m = nib.load(scans["moving"])
     files = {p.name for p in out.iterdir()}
-    assert files == {"warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii.gz", "flow_mm_lps.nii.gz", "result.json"}
-    for name in ("warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii.gz", "flow_mm_lps.nii.gz"):
+    assert files == {"warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii", "flow_mm_lps.nii", "result.json"}
+    for name in ("warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii", "flow_mm_lps.nii"):
         img = nib.load(str(out / name))
         np.testing.assert_allclose(img.affine, f.affine, atol=1e-5)
         assert img.shape[:3] == FIXED_SHAPE
-    flow = nib.load(str(out / "flow_vox.nii.gz"))
+    flow = nib.load(str(out / "flow_vox.nii"))
     assert flow.shape == FIXED_SHAPE + (1, 3) and flow.header.get_intent()[0] == "vector"
     d = np.asarray(flow.dataobj)[:, :, :, 0, :].astype(np.float64)
     assert np.abs(d).max() > 0.5  # a real (random-weight) model and a reoriented scan: far from zero
@@ -57,14 +57,14 @@ def test_outputs_live_on_the_fixed_grid_with_the_documented_conventions(student,
     assert inside.mean() > 0.3
     np.testing.assert_allclose(warped[inside], expect[inside], atol=1e-2)
     # the ITK/ANTs field: LPS mm, fixed point + d = moving point
-    mm = np.asarray(nib.load(str(out / "flow_mm_lps.nii.gz")).dataobj)[:, :, :, 0, :].astype(np.float64)
+    mm = np.asarray(nib.load(str(out / "flow_mm_lps.nii")).dataobj)[:, :, :, 0, :].astype(np.float64)
     world_f = p @ f.affine[:3, :3].T + f.affine[:3, 3]
     world_m = q @ m.affine[:3, :3].T + m.affine[:3, 3]
     np.testing.assert_allclose(world_f + mm * np.array([-1, -1, 1]), world_m, atol=1e-3)
 
     res = json.loads((out / "result.json").read_text())
     assert set(native.TIMING_KEYS) <= set(res["seconds"]) and "model_load" in res["seconds"]
-    assert "warmup" not in res["seconds"]  # a single pair: no extra call on zeros (--warmup turns it on)
+    assert "warmup" in res["seconds"]  # the first call's set-up overlaps reading the pair (--nowarmup: none)
     assert all(v >= 0 for v in res["seconds"].values())
     assert res["labels"] == 3 and 0 <= res["dice"] <= 1 and 0 <= res["dice_before"] <= 1
     assert set(res["dice_per_label"]) == {"2", "17", "41"}
@@ -73,9 +73,18 @@ def test_outputs_live_on_the_fixed_grid_with_the_documented_conventions(student,
     assert res["fixed_shape"] == list(FIXED_SHAPE) and res["grid"] == [SIZE] * 3
     assert "pair: load" in capsys.readouterr().out
 
-    # --overwrite replaces every output; one this run does not make (warped_seg) does not survive
-    assert predict.run(_args(student, scans, out, "--overwrite", segs=False)) == 0
-    assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "flow_vox.nii.gz", "result.json"}
+    # an output of an earlier version (gzipped flow) is a clash too
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "flow_vox.nii.gz").write_bytes(b"old")
+    assert predict.run(_args(student, scans, old)) == 1
+    assert "flow_vox.nii.gz: already exists" in capsys.readouterr().err
+    assert [p.name for p in old.iterdir()] == ["flow_vox.nii.gz"]
+    (out / "flow_vox.nii.gz").write_bytes(b"old")
+    # --overwrite replaces every output; one this run does not make (warped_seg, the old flow) does not survive
+    assert predict.run(_args(student, scans, out, "--overwrite", "--nowarmup", segs=False)) == 0
+    assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "flow_vox.nii", "result.json"}
+    assert "warmup" not in json.loads((out / "result.json").read_text())["seconds"]
     assert "dice" not in json.loads((out / "result.json").read_text())
 
 
@@ -100,11 +109,11 @@ def test_zero_flow_maps_through_world_coordinates_whatever_the_moving_orientatio
     assert 0.6 < r["dice_before"] < 0.97  # the subjects differ by a shift
     f = nib.load(scans["fixed"])
     m = nib.load(scans["moving"])
-    d = np.asarray(nib.load(str(tmp_path / "o" / "flow_vox.nii.gz")).dataobj)[:, :, :, 0, :]
+    d = np.asarray(nib.load(str(tmp_path / "o" / "flow_vox.nii")).dataobj)[:, :, :, 0, :]
     p = np.moveaxis(np.indices(FIXED_SHAPE, dtype=np.float64), 0, -1)
     to_m = np.linalg.inv(m.affine) @ f.affine
     np.testing.assert_allclose(p + d, p @ to_m[:3, :3].T + to_m[:3, 3], atol=1e-3)
-    mm = np.asarray(nib.load(str(tmp_path / "o" / "flow_mm_lps.nii.gz")).dataobj)
+    mm = np.asarray(nib.load(str(tmp_path / "o" / "flow_mm_lps.nii")).dataobj)
     assert np.abs(mm).max() < 1e-3
 
 
@@ -151,7 +160,7 @@ def test_batch_stops_at_a_bad_pair_with_the_pairs_before_it_complete(student, sc
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("ldr_tf.predict: error: pair c: ") and str(bad) in err
     for name in ("a", "b"):
-        assert sorted(p.name for p in (out / name).iterdir()) == ["flow_vox.nii.gz", "result.json",
+        assert sorted(p.name for p in (out / name).iterdir()) == ["flow_vox.nii", "result.json",
                                                                   "warped.nii.gz"]
     assert sorted(p.name for p in out.iterdir()) == ["a", "b"]  # nothing of c, d never started, no temp folder
 
@@ -322,10 +331,10 @@ def test_flow_mm_lps_is_what_ants_applies(student, scans, tmp_path):
     out = tmp_path / "o"
     assert predict.run(_args(student, scans, out, "--mm", segs=False)) == 0
     fixed, moving = ants.image_read(scans["fixed"]), ants.image_read(scans["moving"])
-    warped = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[str(out / "flow_mm_lps.nii.gz")],
+    warped = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[str(out / "flow_mm_lps.nii")],
                                    interpolator="linear").numpy()
     ours = np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj)
-    d = np.asarray(nib.load(str(out / "flow_vox.nii.gz")).dataobj)[:, :, :, 0, :]
+    d = np.asarray(nib.load(str(out / "flow_vox.nii")).dataobj)[:, :, :, 0, :]
     q = np.moveaxis(np.indices(FIXED_SHAPE, dtype=np.float64), 0, -1) + d
     inside = np.all((q >= 0) & (q <= np.array(nib.load(scans["moving"]).shape) - 1), axis=-1)
     assert inside.mean() > 0.3

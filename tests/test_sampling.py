@@ -25,12 +25,12 @@ def _outside(q, shape):
     return np.any((q < -0.5) | (q > np.asarray(shape) - 0.5), axis=-1)
 
 
-@pytest.mark.parametrize("max_voxels", [sampling.CHUNK_VOXELS, 97])
-def test_sample_affine_linear_matches_scipy_and_fills_outside(rng, max_voxels):
+@pytest.mark.parametrize("max_voxels,compiled", [(sampling.CHUNK_VOXELS, True), (97, True), (97, False)])
+def test_sample_affine_linear_matches_scipy_and_fills_outside(rng, max_voxels, compiled):
     vol = rng.random((13, 11, 9)).astype(np.float32)
     m = _matrix(rng)
     out_shape = (10, 12, 8)
-    got = sampling.sample_affine(vol, m, out_shape, fill=-7.0, max_voxels=max_voxels)
+    got = sampling.sample_affine(vol, m, out_shape, fill=-7.0, max_voxels=max_voxels, compiled=compiled)
     q = _positions(m, out_shape)
     expect = ndimage.map_coordinates(vol.astype(np.float64), np.moveaxis(q, -1, 0), order=1, mode="nearest")
     outside = _outside(q, vol.shape)
@@ -52,6 +52,7 @@ def test_sample_affine_channels_and_labels(rng):
         ref = warp.warp_labels(labels[None], None, method=method, coords=q[None]).numpy()[0]
         ref[_outside(q, labels.shape)] = 0
         np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(sampling.sample_affine(labels, m, (6, 6, 6), mode=mode, compiled=False), ref)
     with pytest.raises(ValueError, match="integer label maps"):
         sampling.sample_affine(vol[..., 0], m, (4, 4, 4), mode="labels")
 
@@ -63,6 +64,8 @@ def test_pull_back_matches_the_float64_formulas(rng):
     flow = rng.normal(0, 1.0, grid + (3,)).astype(np.float32)
     image = rng.random(moving.source_shape).astype(np.float32)
     labels = rng.integers(0, 5, moving.source_shape).astype(np.int32)
+    # compiled ahead from the shapes alone (as ldr_tf.predict does while the model loads), then used
+    sampling.compile_pull_back(fixed.source_shape, grid, moving.source_shape, labels=True, mm=True, max_voxels=300)
     got = sampling.pull_back(fixed, moving, flow, image=image, labels=labels, mm=True, max_voxels=300)
 
     p = _positions(np.eye(4), fixed.source_shape)

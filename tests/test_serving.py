@@ -21,7 +21,7 @@ from tools.serving import client  # noqa: E402
 from tools.serving.standin import StandinServer  # noqa: E402
 
 SERVING = REPO / "tools" / "serving"
-OUTPUT_FILES = ("warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii.gz")
+OUTPUT_FILES = ("warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii")
 
 
 @pytest.fixture(scope="module")

@@ -560,7 +560,8 @@ def _data3d(img, name: str, integer: bool = False) -> np.ndarray:
     return data
 
 
-def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, want_labels: bool = True):
+def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, want_labels: bool = True,
+          compiled: bool = True):
     """Preprocesses one scan onto the network grid.
 
     Args:
@@ -572,6 +573,8 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, 
       crop_mask: optional nibabel image or array on the image's grid; when given, its non-zero voxels (instead of
         the labels) define the crop box and the mask (e.g. a brain mask for a template without labels).
       want_labels: resample `labels` onto the grid (False: use them only for the crop box and the mask).
+      compiled: resample with the XLA-compiled samplers (`ldr_tf.ops.sampling.sample_affine`); False for a one-off
+        scan, where compiling costs more than it saves.
 
     Returns:
       ``(volume, labels, points, geometry)``: uint8 ``[D, H, W]``; int32 ``[D, H, W]`` or None; float32
@@ -622,7 +625,7 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, 
     cmin = np.clip(np.floor(pos.min(0)), 0, None).astype(int)
     cmax = np.minimum(np.ceil(pos.max(0)).astype(int) + 1, shape)
     fov = tuple(slice(a, b) for a, b in zip(cmin, cmax))
-    raw = sample_affine(data, m, spec.grid_size, mode="linear", fill=np.nan)
+    raw = sample_affine(data, m, spec.grid_size, mode="linear", fill=np.nan, compiled=compiled)
     inside = ~np.isnan(raw)
     raw[~inside] = 0.0
     vol = _normalise(raw, spec, data, fov, source_name(image, "image"))
@@ -631,9 +634,9 @@ def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, 
     out_labels = None
     if lab is not None and want_labels:
         mode = "labels" if spec.label_order == "linear" else "nearest"
-        out_labels = remap_labels(sample_affine(lab, m, spec.grid_size, mode=mode), spec)
+        out_labels = remap_labels(sample_affine(lab, m, spec.grid_size, mode=mode, compiled=compiled), spec)
     if spec.mask_dilation_mm is not None:
-        grid_sel = sample_affine(sel.astype(np.int32), m, spec.grid_size, mode="nearest") != 0
+        grid_sel = sample_affine(sel.astype(np.int32), m, spec.grid_size, mode="nearest", compiled=compiled) != 0
         radius = np.ceil(spec.mask_dilation_mm / geom.spacing - 1e-9)
         vol[~_dilate_box(grid_sel & inside, radius)] = 0.0
     volume = np.round(vol).astype(np.uint8)

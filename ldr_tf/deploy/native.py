@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-OUTPUTS = ("warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii.gz", "flow_mm_lps.nii.gz", "result.json")
+OUTPUTS = ("warped.nii.gz", "warped_seg.nii.gz", "flow_vox.nii", "flow_mm_lps.nii", "result.json")
+# Written by ldr-tf before 0.2 (the flows gzipped): an existing one is a clash, and --overwrite removes it.
+OLD_OUTPUTS = ("flow_vox.nii.gz", "flow_mm_lps.nii.gz")
 TIMING_KEYS = ("load", "preprocess", "model", "map_back", "metrics", "write")
 
 
@@ -107,26 +109,29 @@ def sample_native(data, coords, labels: bool = False):
 # ------------------------------------------------------------------------------------------- one pair
 
 
-def labels_before(f_img, m_img, m_labels: np.ndarray, f_shape) -> np.ndarray:
-    """The moving labels on the fixed scan's grid through the two NIfTI affines only ("before registration")."""
+def labels_before(f_img, m_img, m_labels: np.ndarray, f_shape, compiled: bool = True) -> np.ndarray:
+    """The moving labels on the fixed scan's grid through the two NIfTI affines only ("before registration").
+
+    `compiled`: as `ldr_tf.ops.sampling.sample_affine` (False for a one-off pair)."""
     from ldr_tf.ops.sampling import sample_affine
 
     to_moving = np.linalg.inv(m_img.affine) @ f_img.affine
     if m_img.shape[:3] == f_img.shape[:3] and np.allclose(to_moving, np.eye(4), atol=1e-5):
         return m_labels  # same grid: nothing to resample
-    return sample_affine(m_labels, to_moving, tuple(f_shape), mode="labels")
+    return sample_affine(m_labels, to_moving, tuple(f_shape), mode="labels", compiled=compiled)
 
 
-def prepare_pair(spec, loaded: dict, compile_samplers: bool = False, before: bool = True) -> dict:
+def prepare_pair(spec, loaded: dict, before: bool = True, compiled: bool = True) -> dict:
     """Both scans of a loaded pair on the network grid (`ldr_tf.data.preprocess.apply`), as `Predictor.start` needs them.
 
     Recipes that crop or mask to labels use the label boxes only when both label maps are there; otherwise both
-    scans are taken whole and ``note`` says so. ``compile_samplers``: also compile the pull-back sampler for this
-    pair's shapes (one slab on a zero flow), so that a background thread pays the compilation while the model
-    loads. Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom", "moving_geom", "seconds"}``
-    and, with both label maps and `before`, ``"before_labels"`` (`labels_before`).
+    scans are taken whole and ``note`` says so. `compiled`: resample with the XLA-compiled samplers (False for a
+    one-off pair: no compilation). Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom",
+    "moving_geom", "seconds"}`` and, with both label maps and `before`, ``"before_labels"`` (`labels_before`) and
+    their scores ``"before_overlap"`` (`ldr_tf.ops.metrics.label_overlap`), so that a reader thread does that work.
     """
     from ldr_tf.data import preprocess
+    from ldr_tf.ops import metrics
 
     t = time.perf_counter()
     f_img, m_img, m_lab, f_lab = (loaded[k] for k in ("fixed", "moving", "moving_seg", "fixed_seg"))
@@ -138,26 +143,34 @@ def prepare_pair(spec, loaded: dict, compile_samplers: bool = False, before: boo
         used = _uncropped(spec)
     crop_f = f_lab if used.needs_labels else None
     crop_m = m_lab if used.needs_labels else None
-    f_vol, _, _, f_geom = preprocess.apply(used, f_img, crop_f, want_labels=False)
-    m_vol, _, _, m_geom = preprocess.apply(used, m_img, crop_m, want_labels=False)
+    f_vol, _, _, f_geom = preprocess.apply(used, f_img, crop_f, want_labels=False, compiled=compiled)
+    m_vol, _, _, m_geom = preprocess.apply(used, m_img, crop_m, want_labels=False, compiled=compiled)
     out = {"spec": spec, "spec_used": used, "note": note, "fixed": f_vol, "moving": m_vol, "fixed_geom": f_geom,
            "moving_geom": m_geom}
-    if before and f_lab is not None and m_lab is not None:  # the "before" score's labels, here so a reader thread does it
-        out["before_labels"] = labels_before(f_img, m_img, np.asarray(m_lab.dataobj), f_geom.source_shape)
+    if before and f_lab is not None and m_lab is not None:  # the "before" score, here so a reader thread does it
+        out["before_labels"] = labels_before(f_img, m_img, np.asarray(m_lab.dataobj), f_geom.source_shape, compiled)
+        out["before_overlap"] = metrics.label_overlap(np.asarray(f_lab.dataobj), out["before_labels"])
     out["seconds"] = time.perf_counter() - t
-    if compile_samplers:
-        from ldr_tf.ops.sampling import compile_pull_back
-
-        compile_pull_back(f_geom, m_geom, image=True, labels=m_lab is not None)
     return out
 
 
+def compile_for(loaded: dict, grid, mm: bool = False) -> None:
+    """Compiles the pull-back sampler (`ldr_tf.ops.sampling.compile_pull_back`) for a loaded pair's shapes, as
+    `Predictor.start` will call it (the moving scan, its labels if any, millimetres if `mm`): a thread pays the
+    compilation while the model loads."""
+    from ldr_tf.ops.sampling import compile_pull_back
+
+    compile_pull_back(loaded["fixed"].shape[:3], grid, loaded["moving"].shape[:3], image=True,
+                      labels=loaded["moving_seg"] is not None, mm=mm)
+
+
 def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg: str | None = None,
-              spec=None, compile_samplers: bool = False) -> dict:
+              spec=None, compiled: bool = True) -> dict:
     """The pair's scans and label maps, checked (`ldr_tf.data.nifti.load`), with the seconds it took.
 
     Returns ``{"fixed", "moving", "moving_seg", "fixed_seg", "seconds"}`` (absent label maps are None), and with a
-    `spec` also ``"prepared"``: the pair on the grid (`prepare_pair`), so that a reader thread does that work too.
+    `spec` also ``"prepared"``: the pair on the grid (`prepare_pair`, `compiled` as there), so that a reader thread
+    does that work too. Without a `spec` nothing here uses TensorFlow (it can run while TensorFlow is imported).
     """
     from ldr_tf.data import nifti
 
@@ -169,7 +182,7 @@ def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg:
     out = {"fixed": f_img, "moving": m_img, "moving_seg": m_lab, "fixed_seg": f_lab,
            "seconds": time.perf_counter() - t}
     if spec is not None:
-        out["prepared"] = prepare_pair(spec, out, compile_samplers)
+        out["prepared"] = prepare_pair(spec, out, compiled=compiled)
     return out
 
 
@@ -212,7 +225,7 @@ class Predictor:
     def check_outputs(out_dir: str | os.PathLike, overwrite: bool) -> None:
         """ValueError if `out_dir` already holds an output and not `overwrite`."""
         out_dir = Path(out_dir)
-        clash = [n for n in OUTPUTS if (out_dir / n).exists()]
+        clash = [n for n in OUTPUTS + OLD_OUTPUTS if (out_dir / n).exists()]
         if clash and not overwrite:
             raise ValueError(f"{out_dir / clash[0]}: already exists (add --overwrite to replace the outputs)")
 
@@ -264,6 +277,10 @@ class Predictor:
         del res
         times["model"] = time.perf_counter() - t
 
+        # The grid flow's Jacobian statistics in a thread while the flow is pulled back (NumPy releases the GIL).
+        jac_pool = ThreadPoolExecutor(max_workers=1)
+        jacobian = jac_pool.submit(metrics.jacobian_stats, grid_flow)
+        jac_pool.shutdown(wait=False)
         t = time.perf_counter()
         m_labels = np.asarray(m_lab.dataobj) if m_lab is not None else None
         native = pull_back(f_geom, m_geom, grid_flow, image=np.asarray(m_img.dataobj, np.float32),
@@ -276,12 +293,14 @@ class Predictor:
         out_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
         affine = f_img.affine
-        jobs = [("flow_vox.nii.gz", native["vox"][:, :, :, None, :], np.float32, "vector"),
+        # The flows are written uncompressed: gzip shrinks a float32 displacement field by only ~25 % and took
+        # 1.7 s for a 160x192x224 one on 2 cores (the warped scan and labels compress 3-20x and stay gzipped).
+        jobs = [("flow_vox.nii", native["vox"][:, :, :, None, :], np.float32, "vector"),
                 ("warped.nii.gz", warped, np.float32, None)]
         if warped_seg is not None:
             jobs.append(("warped_seg.nii.gz", warped_seg, _label_dtype(warped_seg), None))
         if write_mm:
-            jobs.append(("flow_mm_lps.nii.gz", preprocess.ras_to_lps(native["mm"])[:, :, :, None, :], np.float32,
+            jobs.append(("flow_mm_lps.nii", preprocess.ras_to_lps(native["mm"])[:, :, :, None, :], np.float32,
                          "vector"))
         pool = ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1))
         futures = [pool.submit(nifti.save, arr, affine, stage / name, dtype=dt, intent=intent)
@@ -294,16 +313,15 @@ class Predictor:
                       "preprocessing": spec.to_dict(), "preprocessing_note": note}
             if f_lab is not None and m_lab is not None:
                 f_native = np.asarray(f_lab.dataobj)
-                before = prepared.get("before_labels")
-                if before is None:
-                    before = labels_before(f_img, m_img, m_labels, f_geom.source_shape)
-                b = metrics.label_overlap(f_native, before)
+                b = prepared.get("before_overlap")
+                if b is None:
+                    b = metrics.label_overlap(f_native, labels_before(f_img, m_img, m_labels, f_geom.source_shape))
                 a = metrics.label_overlap(f_native, warped_seg)
                 result.update(dice_before=b["dice"], jaccard_before=b["jaccard"], dice=a["dice"],
                               jaccard=a["jaccard"], labels=a["labels"],
                               dice_per_label={str(k): {"before": b["per_label"].get(k, (float("nan"),))[0],
                                                        "after": v[0]} for k, v in a["per_label"].items()})
-            stats = metrics.jacobian_stats(grid_flow)
+            stats = jacobian.result()
             result.update(jac_std_grid=stats["jac_std"], folding_pct_grid=stats["folding_pct"])
             times["metrics"] = time.perf_counter() - t
         except BaseException:
@@ -331,7 +349,7 @@ class Predictor:
             self.check_outputs(out_dir, overwrite)  # nothing appeared meanwhile
             for name in written:
                 os.replace(stage / name, out_dir / name)
-            for name in set(OUTPUTS) - set(written):  # --overwrite: no stale output of an earlier run
+            for name in set(OUTPUTS + OLD_OUTPUTS) - set(written):  # --overwrite: no stale output of an earlier run
                 if (out_dir / name).is_file():
                     (out_dir / name).unlink()
         except BaseException:

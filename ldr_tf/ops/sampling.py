@@ -27,7 +27,7 @@ from ldr_tf.ops import warp
 
 __all__ = ["sample_affine", "pull_back", "compile_pull_back", "sample_points", "CHUNK_VOXELS"]
 
-CHUNK_VOXELS = 1 << 22  # voxels per slab (4M): ~50 MB per float32 [slab, 3] coordinate tensor
+CHUNK_VOXELS = 1 << 20  # voxels per slab (1M: ~12 MB per float32 [slab, 3] coordinate tensor; 4M was slower)
 _MODES = ("linear", "labels", "nearest")
 
 
@@ -74,7 +74,8 @@ def _slabs(shape, max_voxels: int):
         yield start, rows, min(rows, nx - start)
 
 
-def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_voxels: int = CHUNK_VOXELS):
+def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_voxels: int = CHUNK_VOXELS,
+                  compiled: bool = True):
     """Samples `volume` at ``matrix @ (i, j, k, 1)`` for every voxel of an output grid of `out_shape`.
 
     Args:
@@ -85,6 +86,9 @@ def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_v
         weight, `ldr_tf.ops.warp.warp_labels`; int32 out) or ``"nearest"`` (int32 out).
       fill: value where the position is more than half a voxel outside `volume`.
       max_voxels: slab size (output voxels per compiled call).
+      compiled: run the XLA-compiled sampler (fast once compiled; each new volume/slab shape and mode compiles once,
+        0.6-1.8 s on 2 cores). False runs the same ops eagerly, with no compilation: slower per call (0.2-0.4 s
+        for a 128^3 output instead of 0.03) but faster for a one-off call, e.g. one pair in ``ldr_tf.predict``.
 
     Returns:
       ``out_shape`` (+ ``[C]``) float32 (linear) or int32 array.
@@ -104,8 +108,9 @@ def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_v
     chan = () if squeeze else tuple(vol.shape[3:])
     out = np.empty(out_shape + chan, np.float32 if mode == "linear" else np.int32)
     ny, nz = out_shape[1], out_shape[2]
+    slab = _affine_slab if compiled else _affine_slab.python_function
     for start, rows, n in _slabs(out_shape, max_voxels):
-        val = _affine_slab(vol, m, tf.constant(start, tf.int32), rows, ny, nz, mode, fill).numpy()
+        val = slab(vol, m, tf.constant(start, tf.int32), rows, ny, nz, mode, tf.constant(fill, tf.float32)).numpy()
         out[start:start + n] = val[:n, ..., 0] if squeeze else val[:n]
     return out
 
@@ -130,18 +135,22 @@ def _pull_slab(flow, to_grid, moving_to_source, fixed_affine, moving_affine, sta
     return out
 
 
-def compile_pull_back(fixed, moving, image: bool = True, labels: bool = False, mm: bool = False,
-                      label_mode: str = "labels", max_voxels: int = CHUNK_VOXELS) -> None:
-    """Compiles `pull_back` for these geometries (one slab on zeros), e.g. in a thread while a model loads."""
-    mov = moving if moving is not None else fixed
-    shape = tuple(fixed.source_shape)
+def compile_pull_back(fixed_shape, grid_shape, moving_shape, image: bool = True, labels: bool = False,
+                      mm: bool = False, label_mode: str = "labels", max_voxels: int = CHUNK_VOXELS) -> None:
+    """Compiles `pull_back` for these shapes (one slab on zeros), e.g. in a thread while a model loads.
+
+    Only the shapes matter (the fixed scan's, the network grid's, the moving scan's): the geometries' matrices are
+    arguments of the compiled function, so this can run as soon as the NIfTI headers are read.
+    """
+    shape = tuple(int(s) for s in fixed_shape)
     start, rows, _ = next(_slabs(shape, max_voxels))
     zeros = lambda s, dt: tf.zeros(s, dt)  # noqa: E731
-    img = zeros(tuple(mov.source_shape) + (1,), tf.float32) if image else None
-    lab = zeros(tuple(mov.source_shape), tf.int32) if labels else None
+    mov = tuple(int(s) for s in moving_shape)
+    img = zeros(mov + (1,), tf.float32) if image else None
+    lab = zeros(mov, tf.int32) if labels else None
     eye = tf.eye(4)
-    _pull_slab(zeros(tuple(fixed.grid_shape) + (3,), tf.float32), eye, eye, eye, eye, tf.constant(start, tf.int32),
-               rows, shape[1], shape[2], img, lab, mm, label_mode)
+    _pull_slab(zeros(tuple(int(s) for s in grid_shape) + (3,), tf.float32), eye, eye, eye, eye,
+               tf.constant(start, tf.int32), rows, shape[1], shape[2], img, lab, mm, label_mode)
 
 
 def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, label_mode: str = "labels",

@@ -253,7 +253,7 @@ def _main(fv) -> int:
         info = {k: meta.get(k) for k in ("model", "aldk", "cascades", "parameters", "trained_steps", "xla_warp")}
         info.update(server=fv.server, protocol=fv.protocol, model_name=fv.model_name, version=fv.model_version)
         predictor = native.Predictor(remote, spec, info)
-        if fv.warmup if fv.warmup is not None else len(pairs) > 1:
+        if fv.warmup:
             predictor.warmup()
         results = native.run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, prog=PROG)
         print(f"{PROG}: last request {remote.last_bytes.get('request', 0) / 1e6:.1f} MB, response "
