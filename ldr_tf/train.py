@@ -78,6 +78,8 @@ def _resume_config(out_dir: Path, flag_values) -> TrainConfig:
             conflicts.append(f"--{name}={value} (run has {getattr(saved, name)})")
     if conflicts:
         raise ValueError(f"{out_dir}: --resume with settings that differ from the saved run: {', '.join(conflicts)}")
+    # The run continues where it is now: a run folder that was copied or moved must not write into its old place.
+    updates["out_dir"] = str(out_dir)
     return TrainConfig.from_dict({**saved.to_dict(), **updates})
 
 

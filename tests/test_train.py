@@ -1,6 +1,7 @@
 """Training: ALDK gradients reach critic and student, the gradient penalty, exact resume, the CLI, NaN stop."""
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -170,6 +171,15 @@ def test_cli_two_steps_then_resume_and_refuse_overwrite(tmp_path, data_dir):
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     r = _run(common + ["--steps=4", "--resume", "--cascades=2"])
     assert r.returncode == 1 and "differ from the saved run" in r.stderr
+    # a copied run resumes in the copy: the original is left as it was
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    r = _run([a for a in common if not a.startswith("--out_dir")] + [f"--out_dir={copy}", "--steps=4", "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert json.loads((copy / "summary.json").read_text())["steps"] == 4
+    assert json.loads((copy / "config.json").read_text())["train"]["out_dir"] == str(copy)
 
 
 def test_cli_student_with_aldk_needs_a_teacher(tmp_path, data_dir):
