@@ -40,9 +40,10 @@ def define_train_flags() -> None:
                       "Start every stage at the identity (zero affine head, near-zero VTN flow head); "
                       "--noidentity_init keeps the original's random initial affine and large initial VTN flows.")
     flags.DEFINE_integer("channels", 16, "VTN width (16 = the reference network; 8 or 4 for small runs).")
-    flags.DEFINE_enum("student_stem", "ldr", ["ldr", "ldr_released", "ldr_half"],
-                      "ldr = the student as the paper describes it; ldr_released = the original code's variant; "
-                      "ldr_half = the paper's stems with every cascade at half resolution (the light student).")
+    flags.DEFINE_enum("student_stem", "ldr_half", ["ldr", "ldr_released", "ldr_half"],
+                      "ldr_half (default) = the light student: the paper's stems with every cascade at half "
+                      "resolution (grid sizes multiples of 32, >= 48); ldr = the student as the paper describes it; "
+                      "ldr_released = the original code's variant.")
     flags.DEFINE_string("student_head", None,
                         "How the student reaches full resolution: deconv | upsample (default: networks' default).")
     flags.DEFINE_integer("batch", 4, "Pairs per step (global batch under a distribution strategy).")

@@ -390,7 +390,8 @@ def define_flags() -> None:
     flags.DEFINE_list("xla", ["on"], "XLA-compiled trilinear sampler: on, off or on,off (compared side by side).")
     flags.DEFINE_list("bfloat16", ["off"], "bfloat16 convolutions (CascadeConfig.compute_dtype): off, on or off,on.")
     flags.DEFINE_integer("teacher_channels", 16, "Teacher VTN width c (16 = reference).")
-    flags.DEFINE_string("student_stem", "ldr", "Student dense stem: ldr (paper), ldr_released or ldr_half (the light student).")
+    flags.DEFINE_string("student_stem", "ldr_half", "Student dense stem: ldr_half (the light student, default), ldr (the "
+                        "paper's) or ldr_released.")
     flags.DEFINE_string("student_affine", "lite", "Student affine stage: lite, vtn or none.")
     flags.DEFINE_string("student_head", None, "Student head: deconv or upsample (default: CascadeConfig's).")
     flags.DEFINE_list("models", [], "Existing export directories to benchmark instead of building models "

@@ -204,7 +204,7 @@ def write_report(out_dir: Path, rows, figs, stages: Stages, settings: dict, trai
               f"python -m ldr_tf.train --model=teacher --dataset={settings['dataset']} --cascades={settings['cascades']} "
               f"--channels={settings['channels']} --batch={settings['batch']} --steps={settings['teacher_steps']} "
               f"--lr_schedule=constant --out_dir={settings['runs']}/teacher",
-              f"python -m ldr_tf.train --model=student --teacher={settings['runs']}/teacher "
+              f"python -m ldr_tf.train --model=student --student_stem=ldr --teacher={settings['runs']}/teacher "
               f"--dataset={settings['dataset']} --cascades={settings['cascades']} --steps={settings['student_steps']} "
               f"--gamma={settings['gamma']} --lr_schedule=constant --out_dir={settings['runs']}/student",
               f"python -m ldr_tf.export --checkpoint={settings['runs']}/student --out={settings['models']}/student",
@@ -239,7 +239,9 @@ def main(argv):
     teacher_cfg = TrainConfig(model="teacher", affine="vtn", channels=FLAGS.channels, steps=FLAGS.teacher_steps,
                               val_every=max(FLAGS.teacher_steps // 4, 1), checkpoint_every=FLAGS.teacher_steps,
                               out_dir=str(runs / "teacher"), **common)
-    student = dict(model="student", affine="lite", steps=FLAGS.student_steps,
+    # The demo reproduces the paper's student (ldr) at toy scale; the light default (ldr_half) would run its stems
+    # on a 32^3 grid here (README, "Student variants").
+    student = dict(model="student", affine="lite", student_stem="ldr", steps=FLAGS.student_steps,
                    val_every=max(FLAGS.student_steps // 4, 1), checkpoint_every=FLAGS.student_steps, **common)
     aldk_cfg = TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=FLAGS.gamma,
                            critic_every=FLAGS.critic_every, out_dir=str(runs / "student"), **student)

@@ -45,7 +45,7 @@ def define_flags() -> None:
     flags.DEFINE_list("kinds", list(KINDS), f"What to time, among {', '.join(KINDS)}.")
     flags.DEFINE_integer("cascades", 1, "Cascades of the teacher and of the students.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width.")
-    flags.DEFINE_string("student_stem", "ldr", "Student stem (networks.cascade.STEMS).")
+    flags.DEFINE_string("student_stem", "ldr_half", "Student stem (networks.cascade.STEMS; ldr_half = the light student).")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")
     flags.DEFINE_integer("warmup", 3, "Untimed steps (the first one traces the step).")
     flags.DEFINE_integer("steps", 10, "Timed steps.")

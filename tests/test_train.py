@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(out_dir, data_dir, **kw):
-    base = dict(model="student", dataset="demo", data_dir=str(data_dir), image_size=SIZE, cascades=1,
+    base = dict(model="student", student_stem="ldr", dataset="demo", data_dir=str(data_dir), image_size=SIZE, cascades=1,
                 affine="none", batch=1, steps=2, lr=1e-3, lr_schedule="constant", aldk=False, out_dir=str(out_dir),
                 checkpoint_every=1, val_every=0, log_every=1, seed=3)
     base.update(kw)
@@ -155,7 +155,8 @@ def _run(args, env=None, timeout=240):
 
 def test_cli_two_steps_then_resume_and_refuse_overwrite(tmp_path, data_dir):
     out = tmp_path / "run"
-    common = [f"--data_dir={data_dir}", "--dataset=demo", f"--image_size={SIZE}", "--model=student", "--noaldk",
+    common = [f"--data_dir={data_dir}", "--dataset=demo", f"--image_size={SIZE}", "--model=student",
+              "--student_stem=ldr", "--noaldk",
               "--affine=none", "--cascades=1", "--batch=1", "--val_every=2", "--val_pairs=2", f"--out_dir={out}"]
     r = _run(common + ["--steps=2"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -198,8 +199,9 @@ def test_two_workers_on_localhost(tmp_path, data_dir):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     out = tmp_path / "mw"
-    args = [f"--data_dir={data_dir}", "--dataset=demo", f"--image_size={SIZE}", "--model=student", "--noaldk",
-            "--affine=none", "--cascades=1", "--batch=2", "--steps=3", "--val_every=0", "--strategy=multi_worker",
+    args = [f"--data_dir={data_dir}", "--dataset=demo", f"--image_size={SIZE}", "--model=student", "--student_stem=ldr",
+            "--noaldk", "--affine=none", "--cascades=1", "--batch=2", "--steps=3", "--val_every=0",
+            "--strategy=multi_worker",
             f"--out_dir={out}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     procs = []
@@ -325,7 +327,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, data_dir):
 
     out = tmp_path / "run"
     args = [sys.executable, "-m", "ldr_tf.train", f"--data_dir={data_dir}", "--dataset=demo", f"--image_size={SIZE}",
-            "--model=student", "--noaldk", "--affine=none", "--cascades=1", "--batch=1", "--steps=100000",
+            "--model=student", "--student_stem=ldr", "--noaldk", "--affine=none", "--cascades=1", "--batch=1",
+            "--steps=100000",
             "--val_every=0", "--checkpoint_every=100000", "--log_every=1", f"--out_dir={out}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -25,7 +25,7 @@ class TrainConfig:
     affine: str = "vtn"
     channels: int = 16
     identity_init: bool = True
-    student_stem: str = "ldr"
+    student_stem: str = "ldr_half"  # the light student (README, "Student variants")
     student_head: str | None = None
     batch: int = 4
     steps: int = 100_000
