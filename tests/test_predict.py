@@ -303,6 +303,35 @@ def test_cli_subprocess_exit_code(student, scans, tmp_path):
     assert not (tmp_path / "o").exists()  # failed before creating anything
 
 
+def test_cli_subprocess_registers_like_the_library_without_keras(student, scans, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ENV, REPO
+
+    # the command's process imports TensorFlow without Keras (cli.without_keras)...
+    probe = ("from ldr_tf import cli; cli.without_keras(); import sys, tensorflow; "
+             "print('keras' in sys.modules, 'keras.src' in sys.modules)")
+    env = {k: v for k, v in ENV.items() if k != "TF_USE_LEGACY_KERAS"}
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import importlib.util
+
+    if importlib.util.find_spec("tf_keras") is None:  # with the legacy package installed, TensorFlow imports it
+        assert r.stdout.split() == ["False", "False"]
+    # ... and registers exactly as the library does
+    r = subprocess.run([sys.executable, "-m", "ldr_tf.predict", *_args(student, scans, tmp_path / "cli")[1:]],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert predict.run(_args(student, scans, tmp_path / "lib")) == 0
+    for name in ("flow_vox.nii", "warped.nii.gz", "warped_seg.nii.gz"):
+        a = np.asarray(nib.load(str(tmp_path / "cli" / name)).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "lib" / name)).dataobj)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    dice = [json.loads((tmp_path / d / "result.json").read_text())["dice"] for d in ("cli", "lib")]
+    assert dice[0] == pytest.approx(dice[1], abs=1e-4)
+
+
 def test_overlay_png_of_a_prediction(student, scans, tmp_path, capsys):
     from tools import overlay
 
