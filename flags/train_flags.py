@@ -7,6 +7,7 @@ Defaults reproduce the paper's setup (128^3, batch 4, Adam 1e-4, 100k steps, RCN
 from absl import flags
 
 from flags import common_flags
+from ldr_tf.training.config import DEFAULT_STUDENT_STEM
 
 PRESETS = {
     # What `make demo` uses: 64^3 synthetic data, narrow teacher, minutes on 2 cores.
@@ -40,7 +41,7 @@ def define_train_flags() -> None:
                       "Start every stage at the identity (zero affine head, near-zero VTN flow head); "
                       "--noidentity_init keeps the original's random initial affine and large initial VTN flows.")
     flags.DEFINE_integer("channels", 16, "VTN width (16 = the reference network; 8 or 4 for small runs).")
-    flags.DEFINE_enum("student_stem", "ldr_half", ["ldr", "ldr_released", "ldr_half"],
+    flags.DEFINE_enum("student_stem", DEFAULT_STUDENT_STEM, ["ldr", "ldr_released", "ldr_half"],
                       "ldr_half (default) = the light student: the paper's stems with every cascade at half "
                       "resolution (grid sizes multiples of 32, >= 48); ldr = the student as the paper describes it; "
                       "ldr_released = the original code's variant.")

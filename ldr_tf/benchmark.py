@@ -45,6 +45,7 @@ from pathlib import Path
 from absl import flags
 
 from ldr_tf import cpu
+from ldr_tf.training.config import DEFAULT_STUDENT_STEM
 from ldr_tf.deploy.benchmark_report import (NOT_JUDGED, SHORT_DTYPE, add_derived, format_table, target_lines,
                                             target_report, targets_judged)
 from ldr_tf.deploy.timing import apply_threads, measure_conv_peak, run_worker, tf_runtime_info, worker_main
@@ -390,7 +391,7 @@ def define_flags() -> None:
     flags.DEFINE_list("xla", ["on"], "XLA-compiled trilinear sampler: on, off or on,off (compared side by side).")
     flags.DEFINE_list("bfloat16", ["off"], "bfloat16 convolutions (CascadeConfig.compute_dtype): off, on or off,on.")
     flags.DEFINE_integer("teacher_channels", 16, "Teacher VTN width c (16 = reference).")
-    flags.DEFINE_string("student_stem", "ldr_half", "Student dense stem: ldr_half (the light student, default), ldr (the "
+    flags.DEFINE_string("student_stem", DEFAULT_STUDENT_STEM, "Student dense stem: ldr_half (the light student, default), ldr (the "
                         "paper's) or ldr_released.")
     flags.DEFINE_string("student_affine", "lite", "Student affine stage: lite, vtn or none.")
     flags.DEFINE_string("student_head", None, "Student head: deconv or upsample (default: CascadeConfig's).")

@@ -194,7 +194,7 @@ def _main(fv) -> int:
     from ldr_tf.deploy.savedmodel import load_metadata
 
     metadata = load_metadata(model) if (model / "ldr_tf_export.json").is_file() else {}
-    first = compiling = None
+    first = compiling = loaded = None
     if metadata.get("image_size"):
         spec = resolve_preprocessing(fv.preprocessing, metadata, metadata["image_size"], fv.no_crop)
         # Two workers when the pair has labels (the label sampler's compilation, ~1.5 s, then runs beside the
@@ -206,7 +206,7 @@ def _main(fv) -> int:
     from ldr_tf.deploy.loader import inference_only, open_registrar
 
     inference_only()
-    if metadata.get("image_size"):
+    if loaded is not None:
         # one pair: resample eagerly (compiling the resampler for one use costs more than it saves)
         first = reader.submit(_prepare, loaded, spec, len(pairs) > 1)
         compiling = reader.submit(_compile, loaded, spec.grid_size, fv.mm)

@@ -29,6 +29,7 @@ from pathlib import Path
 from absl import flags
 
 from ldr_tf import cli, cpu
+from ldr_tf.training.config import DEFAULT_STUDENT_STEM
 
 FLAGS = flags.FLAGS
 PROG = "ldr_tf.train_bench"
@@ -45,7 +46,7 @@ def define_flags() -> None:
     flags.DEFINE_list("kinds", list(KINDS), f"What to time, among {', '.join(KINDS)}.")
     flags.DEFINE_integer("cascades", 1, "Cascades of the teacher and of the students.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width.")
-    flags.DEFINE_string("student_stem", "ldr_half", "Student stem (networks.cascade.STEMS; ldr_half = the light student).")
+    flags.DEFINE_string("student_stem", DEFAULT_STUDENT_STEM, "Student stem (networks.cascade.STEMS; ldr_half = the light student).")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")
     flags.DEFINE_integer("warmup", 3, "Untimed steps (the first one traces the step).")
     flags.DEFINE_integer("steps", 10, "Timed steps.")

@@ -28,7 +28,7 @@ from absl import flags
 
 from flags import common_flags
 from ldr_tf import cli
-from ldr_tf.training.config import TrainConfig
+from ldr_tf.training.config import DEFAULT_STUDENT_STEM, TrainConfig
 
 FLAGS = flags.FLAGS
 STAGES = ("import", "teacher", "student", "student_noaldk", "export", "compare")
@@ -50,7 +50,7 @@ def define_flags() -> None:
     flags.DEFINE_float("seg_weight", 0.0, "Label supervision of the teacher and the students (train --seg_weight).")
     flags.DEFINE_integer("teacher_cascades", 2, "VTN cascades of the teacher.")
     flags.DEFINE_integer("student_cascades", 2, "LDR cascades of the student.")
-    flags.DEFINE_enum("student_stem", "ldr_half", ["ldr", "ldr_released", "ldr_half"],
+    flags.DEFINE_enum("student_stem", DEFAULT_STUDENT_STEM, ["ldr", "ldr_released", "ldr_half"],
                       "Student stems (train --student_stem): ldr_half = the light student, ldr = the paper's.")
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 = the reference network.")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")

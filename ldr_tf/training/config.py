@@ -11,7 +11,11 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["TrainConfig", "load_run_config"]
+__all__ = ["TrainConfig", "load_run_config", "DEFAULT_STUDENT_STEM"]
+
+
+# The default student: the light one (README, "Student variants"); every command's --student_stem defaults to it.
+DEFAULT_STUDENT_STEM = "ldr_half"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +29,7 @@ class TrainConfig:
     affine: str = "vtn"
     channels: int = 16
     identity_init: bool = True
-    student_stem: str = "ldr_half"  # the light student (README, "Student variants")
+    student_stem: str = DEFAULT_STUDENT_STEM
     student_head: str | None = None
     batch: int = 4
     steps: int = 100_000
