@@ -141,7 +141,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     done = cfg.steps - start
     summary = {"model": what, "steps": cfg.steps, "seconds": seconds,
                "steps_per_s": done / seconds if seconds > 0 and done > 0 else None, "parameters": params,
-               "last": history.get("train", {}), "validation": history["val"]}
+               "last": history.get("train", {}), "last_window": history.get("window", {}),
+               "validation": history["val"]}
     if trainer.chief:
         write_json(summary, out_dir / "summary.json")
         last_val = history["val"][-1] if history["val"] else None

@@ -141,6 +141,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data_di
     assert int(straight.optimizer.iterations.numpy()) == int(resumed.optimizer.iterations.numpy()) == 4
 
 
+def test_logged_terms_are_means_over_each_log_window(tmp_path, data_dir):
+    cfg = _cfg(tmp_path / "w", data_dir, steps=5, log_every=2, checkpoint_every=100)
+    t = _trainer(cfg, data_dir)
+    values = iter([1.0, 3.0, 5.0, 7.0, 11.0])  # per batch; the logs divide by the batch size (1 here)
+    critic = iter([None, 4.0, None, None, 8.0])  # a term present on some steps only (critic_every > 1)
+
+    def fake_step(batch, train_critic):
+        c = next(critic)
+        return {"loss": tf.constant(next(values)), **({} if c is None else {"critic": tf.constant(c)})}
+
+    seen = {}
+    t._train_step = fake_step
+    t._summaries = lambda step, scalars, images=None: seen.update({step: scalars})
+    history = t.fit(progress=False)
+    assert [s for s in seen] == [2, 4, 5]
+    assert seen[2]["train/loss"] == 2.0 and seen[2]["train/critic"] == 4.0
+    assert seen[4]["train/loss"] == 6.0 and "train/critic" not in seen[4]
+    assert history["window"] == {"loss": 11.0, "critic": 8.0, "steps": 1}
+    assert history["train"] == {"loss": 11.0, "critic": 8.0}
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path, data_dir):
     t = _trainer(_cfg(tmp_path / "n", data_dir, lr=1e12, steps=20, checkpoint_every=100), data_dir)
     with pytest.raises(TrainingDiverged, match="became NaN/inf at step"):
@@ -164,6 +185,7 @@ def test_cli_two_steps_then_resume_and_refuse_overwrite(tmp_path, data_dir):
     assert cfg["train"]["steps"] == 2 and cfg["network"]["stem"] == "ldr"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["validation"] and 0 <= summary["validation"][-1]["dice"] <= 1
+    assert summary["last_window"]["steps"] == 2 and set(summary["last"]) <= set(summary["last_window"])
     assert list((out / "logs").iterdir()), "TensorBoard events are written"
     r = _run(common + ["--steps=2"])
     assert r.returncode == 1 and "already holds a run" in r.stderr

@@ -362,7 +362,9 @@ class Trainer:
         self.writer.flush()
 
     def fit(self, progress: bool = True) -> dict:
-        """Trains from the current step to ``cfg.steps``. Returns the last logs (per-pair means) and validation.
+        """Trains from the current step to ``cfg.steps``. Returns the last step's logs (``"train"``, per-pair means),
+        their means over the last log window (``"window"``: the ``log_every`` steps before the end, with its
+        ``"steps"``; TensorBoard's ``train/*`` scalars are these window means) and the validation history.
 
         Ctrl-C (SIGINT) and SIGTERM (``kill``, job schedulers, ``docker stop``) save a checkpoint of the current step
         before the run stops (then KeyboardInterrupt propagates); resume with ``--resume``.
@@ -386,6 +388,7 @@ class Trainer:
         bar.update(start)
         t_last, n_last = time.perf_counter(), start
         logs = {}
+        window = {}  # key -> [sum, count] of the per-pair logs since the last log point (critic terms: its steps only)
         try:
             for step in range(start, cfg.steps):
                 train_critic = cfg.uses_critic and (step + 1) % cfg.critic_every == 0
@@ -398,12 +401,19 @@ class Trainer:
                         f"a loss became NaN/inf at step {step + 1} ({bad}); the last good checkpoint is "
                         f"{self.manager.latest_checkpoint or 'none'}; lower --lr or check the data"
                     )
+                for k, v in logs.items():
+                    acc = window.setdefault(k, [0.0, 0])
+                    acc[0] += v
+                    acc[1] += 1
                 done = step + 1
                 now = time.perf_counter()
                 rate = (done - n_last) / max(now - t_last, 1e-9)
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     lr = self.optimizer.learning_rate
-                    self._summaries(done, {**{f"train/{k}": v for k, v in logs.items()},
+                    mean = {k: total / count for k, (total, count) in window.items()}
+                    history["window"] = {**mean, "steps": done - n_last}
+                    window = {}
+                    self._summaries(done, {**{f"train/{k}": v for k, v in mean.items()},
                                            "train/lr": float(np.asarray(lr)), "train/steps_per_s": rate})
                     t_last, n_last = now, done
                 if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps) and self.chief:
