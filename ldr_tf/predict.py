@@ -12,7 +12,7 @@ stored in the export's ``ldr_tf_export.json``, or ``--preprocessing``), run the 
   ``vector``), in voxels of the **moving** scan, pull convention: fixed voxel ``p`` corresponds to moving voxel
   ``p + d(p)``, i.e. ``warped(p) = moving(p + d(p))``;
 * ``flow_mm_lps.nii`` (with ``--mm``): the same correspondence in millimetres as LPS+ physical vectors, the
-  displacement-field convention of ITK and ANTs (``antsApplyTransforms -r fixed -i moving -t flow_mm_lps.nii.gz``
+  displacement-field convention of ITK and ANTs (``antsApplyTransforms -r fixed -i moving -t flow_mm_lps.nii``
   resamples the moving scan onto the fixed one). ITK reads intent ``vector`` components as LPS as they are.
   The two flows are not gzipped: a float displacement field compresses by only ~25 % and gzip took 1.7 s of a
   one-pair run (``gzip flow_vox.nii`` afterwards if disk space matters: every reader takes ``.nii.gz`` too);
@@ -51,7 +51,8 @@ from absl import flags
 from flags import common_flags
 from ldr_tf import cli
 from ldr_tf.atomic import check_writable
-from ldr_tf.deploy.native import Predictor, compile_for, load_pair, prepare_pair, resolve_preprocessing, run_pairs
+from ldr_tf.deploy.native import (Predictor, add_before, compile_for, load_pair, prepare_pair, resolve_preprocessing,
+                                  run_pairs)
 
 FLAGS = flags.FLAGS
 PROG = "ldr_tf.predict"
@@ -75,11 +76,13 @@ def define_pair_flags(fv=FLAGS) -> None:
                         flag_values=fv)
     flags.DEFINE_bool("no_crop", False, "Take both scans whole even if the preprocessing crops/masks to labels.",
                       flag_values=fv)
-    flags.DEFINE_bool("mm", False, "Also write flow_mm_lps.nii.gz (ITK/ANTs displacement field in mm).",
+    flags.DEFINE_bool("mm", False, "Also write flow_mm_lps.nii (ITK/ANTs displacement field in mm).",
                       flag_values=fv)
-    flags.DEFINE_bool("warmup", True, "Run the model once on zeros before the first pair (in predict: while the "
-                      "first pair is read, so that the first call's one-off graph set-up, timed as 'warmup', "
-                      "overlaps reading and preprocessing); 'model' then times a warm call.", flag_values=fv)
+    flags.DEFINE_bool("warmup", True, "Batches (--pairs): run the model once on zeros while the first pair is put "
+                      "on the grid, so that the first call's one-off graph set-up, timed as 'warmup', overlaps the "
+                      "preprocessing; 'model' then times a warm call. A single pair is put on the grid while "
+                      "TensorFlow is imported, so there is nothing to overlap: its 'model' time includes the set-up.",
+                      flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=fv)
 
 
@@ -151,10 +154,20 @@ def pairs_from_flags(fv) -> list:
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def _prepare(loaded, spec, compiled: bool) -> dict:
+def _prepare(loaded, spec, engine: str, before: bool) -> dict:
     """The pair read by a `load_pair` future, put on the grid (`deploy.native.prepare_pair`)."""
     pair = loaded.result()
-    return {**pair, "prepared": prepare_pair(spec, pair, compiled=compiled)}
+    return {**pair, "prepared": prepare_pair(spec, pair, before=before, engine=engine)}
+
+
+def _before(first) -> None:
+    """The "before registration" labels and scores of a `_prepare` future's pair (`deploy.native.add_before`);
+    a pair that failed is reported by that future instead."""
+    try:
+        pair = first.result()
+    except (ValueError, OSError):
+        return
+    add_before(pair["prepared"], pair, compiled=False)
 
 
 def _compile(loaded, grid, mm: bool) -> None:
@@ -188,28 +201,34 @@ def _main(fv) -> int:
         Predictor.check_outputs(out_dir / p["name"] if p["name"] else out_dir, fv.overwrite)
     if fv.pairs and (out_dir / "results.json").exists() and not fv.overwrite:
         raise ValueError(f"{out_dir / 'results.json'}: already exists (add --overwrite to replace the outputs)")
-    # The first pair is read while TensorFlow is imported (NIfTI reading does not use it), then put on the grid and
-    # the pull-back sampler compiled for its shapes while the model loads and warms up. The export's metadata says
-    # the grid and the preprocessing without loading TensorFlow's graph.
+    # The first pair is read while TensorFlow is imported (NIfTI reading does not use it); a single pair is also put
+    # on the grid then (SciPy's resampler, no TensorFlow), so that the model's first call can take it as soon as the
+    # model is loaded. Then the pull-back sampler is compiled for its shapes while the model loads, and the "before"
+    # scores are computed. The export's metadata says the grid and the preprocessing without loading TensorFlow.
     from ldr_tf.deploy.savedmodel import load_metadata
 
     metadata = load_metadata(model) if (model / "ldr_tf_export.json").is_file() else {}
-    first = compiling = loaded = None
+    first = loaded = None
+    waits = []
+    single = len(pairs) == 1
     if metadata.get("image_size"):
         spec = resolve_preprocessing(fv.preprocessing, metadata, metadata["image_size"], fv.no_crop)
-        # Two workers when the pair has labels (the label sampler's compilation, ~1.5 s, then runs beside the
-        # preprocessing); one otherwise (measured faster: the preprocessing is not slowed by the short compilation).
+        # Two workers when the pair has labels (their "before" scores then run beside the compilation).
         reader = ThreadPoolExecutor(max_workers=2 if pairs[0]["moving_seg"] else 1)
         p0 = pairs[0]
         loaded = reader.submit(load_pair, p0["fixed"], p0["moving"], p0["moving_seg"], p0["fixed_seg"])
+        if single:
+            first = reader.submit(_prepare, loaded, spec, "scipy", False)
     common_flags.apply_runtime_flags(fv)  # imports TensorFlow; thread settings before any TensorFlow op
     from ldr_tf.deploy.loader import inference_only, open_registrar
 
     inference_only()
     if loaded is not None:
-        # one pair: resample eagerly (compiling the resampler for one use costs more than it saves)
-        first = reader.submit(_prepare, loaded, spec, len(pairs) > 1)
-        compiling = reader.submit(_compile, loaded, spec.grid_size, fv.mm)
+        if first is None:  # a batch: the XLA-compiled resampler pays off from the second scan on
+            first = reader.submit(_prepare, loaded, spec, "xla", True)
+        waits.append(reader.submit(_compile, loaded, spec.grid_size, fv.mm))
+        if single and p0["moving_seg"] and p0["fixed_seg"]:
+            waits.append(reader.submit(_before, first))
         reader.shutdown(wait=False)
     t = time.perf_counter()
     registrar = open_registrar(model)
@@ -220,11 +239,11 @@ def _main(fv) -> int:
     info["path"] = str(model)
     predictor = Predictor(registrar, spec, info)
     predictor.session_seconds["model_load"] = load_s
-    if fv.warmup:
+    # The warm-up call (one-off graph and oneDNN set-up) overlaps the preprocessing; when the pair is already on the
+    # grid there is nothing to overlap, and its first call does the set-up instead.
+    if fv.warmup and not single:
         predictor.warmup()
-    if compiling is not None:
-        compiling.result()
-    results = run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, first=first)
+    results = run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, first=first, ready=waits)
     if fv.pairs:
         from ldr_tf.atomic import write_json
 

@@ -121,17 +121,17 @@ def labels_before(f_img, m_img, m_labels: np.ndarray, f_shape, compiled: bool = 
     return sample_affine(m_labels, to_moving, tuple(f_shape), mode="labels", compiled=compiled)
 
 
-def prepare_pair(spec, loaded: dict, before: bool = True, compiled: bool = True) -> dict:
+def prepare_pair(spec, loaded: dict, before: bool = True, engine: str = "xla") -> dict:
     """Both scans of a loaded pair on the network grid (`ldr_tf.data.preprocess.apply`), as `Predictor.start` needs them.
 
     Recipes that crop or mask to labels use the label boxes only when both label maps are there; otherwise both
-    scans are taken whole and ``note`` says so. `compiled`: resample with the XLA-compiled samplers (False for a
-    one-off pair: no compilation). Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom",
+    scans are taken whole and ``note`` says so. `engine`: the resampler (`ldr_tf.data.preprocess.apply`:
+    ``"xla"`` for batches, ``"scipy"`` for a one-off pair; with ``"scipy"`` and ``before=False`` nothing here uses
+    TensorFlow). Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom",
     "moving_geom", "seconds"}`` and, with both label maps and `before`, ``"before_labels"`` (`labels_before`) and
     their scores ``"before_overlap"`` (`ldr_tf.ops.metrics.label_overlap`), so that a reader thread does that work.
     """
     from ldr_tf.data import preprocess
-    from ldr_tf.ops import metrics
 
     t = time.perf_counter()
     f_img, m_img, m_lab, f_lab = (loaded[k] for k in ("fixed", "moving", "moving_seg", "fixed_seg"))
@@ -143,15 +143,31 @@ def prepare_pair(spec, loaded: dict, before: bool = True, compiled: bool = True)
         used = _uncropped(spec)
     crop_f = f_lab if used.needs_labels else None
     crop_m = m_lab if used.needs_labels else None
-    f_vol, _, _, f_geom = preprocess.apply(used, f_img, crop_f, want_labels=False, compiled=compiled)
-    m_vol, _, _, m_geom = preprocess.apply(used, m_img, crop_m, want_labels=False, compiled=compiled)
+    f_vol, _, _, f_geom = preprocess.apply(used, f_img, crop_f, want_labels=False, engine=engine)
+    m_vol, _, _, m_geom = preprocess.apply(used, m_img, crop_m, want_labels=False, engine=engine)
     out = {"spec": spec, "spec_used": used, "note": note, "fixed": f_vol, "moving": m_vol, "fixed_geom": f_geom,
            "moving_geom": m_geom}
-    if before and f_lab is not None and m_lab is not None:  # the "before" score, here so a reader thread does it
-        out["before_labels"] = labels_before(f_img, m_img, np.asarray(m_lab.dataobj), f_geom.source_shape, compiled)
-        out["before_overlap"] = metrics.label_overlap(np.asarray(f_lab.dataobj), out["before_labels"])
     out["seconds"] = time.perf_counter() - t
+    if before:
+        add_before(out, loaded, compiled=engine == "xla")
     return out
+
+
+def add_before(prepared: dict, loaded: dict, compiled: bool = True) -> dict:
+    """With both label maps, adds the "before registration" labels and scores to a `prepare_pair` result
+    (``"before_labels"``: `labels_before`, ``"before_overlap"``: `ldr_tf.ops.metrics.label_overlap`), so that a
+    reader thread does that work; returns `prepared`. Its seconds are added to ``prepared["seconds"]``."""
+    f_img, m_img, m_lab, f_lab = (loaded[k] for k in ("fixed", "moving", "moving_seg", "fixed_seg"))
+    if f_lab is None or m_lab is None:
+        return prepared
+    from ldr_tf.ops import metrics
+
+    t = time.perf_counter()
+    before = labels_before(f_img, m_img, np.asarray(m_lab.dataobj), prepared["fixed_geom"].source_shape, compiled)
+    prepared["before_overlap"] = metrics.label_overlap(np.asarray(f_lab.dataobj), before)
+    prepared["before_labels"] = before
+    prepared["seconds"] += time.perf_counter() - t
+    return prepared
 
 
 def compile_for(loaded: dict, grid, mm: bool = False) -> None:
@@ -165,11 +181,11 @@ def compile_for(loaded: dict, grid, mm: bool = False) -> None:
 
 
 def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg: str | None = None,
-              spec=None, compiled: bool = True) -> dict:
+              spec=None, engine: str = "xla") -> dict:
     """The pair's scans and label maps, checked (`ldr_tf.data.nifti.load`), with the seconds it took.
 
     Returns ``{"fixed", "moving", "moving_seg", "fixed_seg", "seconds"}`` (absent label maps are None), and with a
-    `spec` also ``"prepared"``: the pair on the grid (`prepare_pair`, `compiled` as there), so that a reader thread
+    `spec` also ``"prepared"``: the pair on the grid (`prepare_pair`, `engine` as there), so that a reader thread
     does that work too. Without a `spec` nothing here uses TensorFlow (it can run while TensorFlow is imported).
     """
     from ldr_tf.data import nifti
@@ -182,7 +198,7 @@ def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg:
     out = {"fixed": f_img, "moving": m_img, "moving_seg": m_lab, "fixed_seg": f_lab,
            "seconds": time.perf_counter() - t}
     if spec is not None:
-        out["prepared"] = prepare_pair(spec, out, compiled=compiled)
+        out["prepared"] = prepare_pair(spec, out, engine=engine)
     return out
 
 
@@ -231,16 +247,16 @@ class Predictor:
 
     def run(self, fixed: str, moving: str, out_dir: str | os.PathLike, moving_seg: str | None = None,
             fixed_seg: str | None = None, write_mm: bool = False, overwrite: bool = False,
-            loaded: dict | None = None) -> dict:
+            loaded: dict | None = None, ready=()) -> dict:
         """Registers one pair and writes its outputs into `out_dir` (module docstring); returns ``result.json``.
 
         The same as ``start(...)()``: see `start`.
         """
-        return self.start(fixed, moving, out_dir, moving_seg, fixed_seg, write_mm, overwrite, loaded)()
+        return self.start(fixed, moving, out_dir, moving_seg, fixed_seg, write_mm, overwrite, loaded, ready)()
 
     def start(self, fixed: str, moving: str, out_dir: str | os.PathLike, moving_seg: str | None = None,
               fixed_seg: str | None = None, write_mm: bool = False, overwrite: bool = False,
-              loaded: dict | None = None):
+              loaded: dict | None = None, ready=()):
         """Registers one pair and starts writing its outputs; returns ``finish()``, which waits for the files,
         puts them in place (with ``result.json``) and returns the result.
 
@@ -248,7 +264,8 @@ class Predictor:
         meanwhile (`run_pairs`). Until ``finish()`` returns, nothing of this pair is in `out_dir`.
 
         `loaded` is the pair as `load_pair` read it (e.g. in a background thread while the previous pair ran);
-        None reads it here.
+        None reads it here. `ready`: futures of work for this pair done elsewhere (compiling the pull-back, its
+        "before" scores), waited for after the model call, before the pull-back.
 
         Raises:
           ValueError: one line naming the file or argument (unreadable/4-D/NaN scans, labels on another grid,
@@ -277,6 +294,8 @@ class Predictor:
         del res
         times["model"] = time.perf_counter() - t
 
+        for r in ready:
+            r.result()
         # The grid flow's Jacobian statistics in a thread while the flow is pulled back (NumPy releases the GIL).
         jac_pool = ThreadPoolExecutor(max_workers=1)
         jacobian = jac_pool.submit(metrics.jacobian_stats, grid_flow)
@@ -379,12 +398,13 @@ def _label_dtype(labels: np.ndarray):
 
 
 def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, write_mm: bool = False,
-              overwrite: bool = False, prog: str = "ldr_tf.predict", first=None) -> list:
+              overwrite: bool = False, prog: str = "ldr_tf.predict", first=None, ready=()) -> list:
     """Runs `predictor` on every pair (outputs in `out_dir`, or ``out_dir/<name>`` for named pairs).
 
     Every destination is checked for existing outputs before the first pair runs. The next pair's files are read
     in a background thread while the current one runs (`first`: a future of `load_pair` for the first pair,
-    started earlier by the caller, e.g. while the model loaded), and each pair's output files are compressed while
+    started earlier by the caller, e.g. while the model loaded; `ready`: `Predictor.start`'s, for the first pair),
+    and each pair's output files are compressed while
     the next pair is registered (`Predictor.start`). A pair that fails stops the batch: the pairs before it are
     complete, nothing of it is left. Prints one line per pair. Returns the result dicts (with ``name``).
     """
@@ -432,7 +452,7 @@ def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, wri
                 upcoming = read(pairs[i + 1])
             try:
                 finish = predictor.start(p["fixed"], p["moving"], dest, p["moving_seg"], p["fixed_seg"], write_mm,
-                                         overwrite, loaded=current.result())
+                                         overwrite, loaded=current.result(), ready=ready if i == 0 else ())
             except ValueError as e:
                 flush()  # the pairs before this one are complete
                 raise named(p, e) from None
