@@ -62,7 +62,9 @@ def test_mismatched_pairs_and_unknown_baseline_are_refused():
 
 def test_cli_reads_flow_gap_from_the_runs_and_writes_the_table(tmp_path):
     cmp_path = tmp_path / "cmp.json"
-    cmp_path.write_text(json.dumps(_compare()))
+    data = _compare()
+    data["pairs"]["identity"] = _rows([0.1] * 6)
+    cmp_path.write_text(json.dumps(data))
     runs = tmp_path / "runs"
     for i, name in enumerate(["plain_s0", "plain_s1", "l2_s0", "l2_s1", "teacher"]):
         (runs / name).mkdir(parents=True)
@@ -75,6 +77,7 @@ def test_cli_reads_flow_gap_from_the_runs_and_writes_the_table(tmp_path):
     arms = {a["arm"]: a for a in json.loads((tmp_path / "abl.json").read_text())["arms"]}
     assert arms["plain"]["flow_gap"] == 1.5 and arms["l2"]["flow_gap"] == 3.5  # window means, over seeds
     assert arms["l2"]["steps_per_s"] == 4.5
+    assert arms["identity"]["flow_gap"] is None  # compared, but not a run in --runs
     md = (tmp_path / "abl.md").read_text()
     assert "| l2 | 2 |" in md and "vs plain" in md
     # bad input: one line naming the file, non-zero exit
