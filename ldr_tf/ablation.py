@@ -6,8 +6,10 @@ suffix is an arm of one run. For every arm the table gives
 * the mean Dice over the pairs of each seed, then their mean ± standard deviation over the seeds;
 * the **paired difference** to the baseline arm: per pair, the arm's Dice (averaged over its seeds) minus the
   baseline's (averaged over its seeds); the two directions of one subject pair (``a -> b`` and ``b -> a``) are one
-  unit, since they share both scans; the mean over units and its 95 % Student-t interval, and how many pairs the
-  arm improves;
+  unit, since they share both scans; the mean over units and its 95 % Student-t interval (over pairs: the seeds'
+  spread is not in it, see the next items), and how many pairs the arm improves;
+* the difference of each seed's mean Dice to the baseline's with the same seed (same initial weights and data order
+  in this project's runs), which shows whether the difference holds seed by seed;
 * with ``--runs=<dir>``, training figures read from ``<dir>/<method>/summary.json`` where there is one: ``flow_gap``
   (RMS voxels between the student's and the teacher's flows, mean over the last log window) and steps/s, averaged
   over seeds.
@@ -102,6 +104,15 @@ def paired_difference(arm: dict, base: dict, level: float = 0.95) -> dict:
     return {"mean": mean, "low": lo, "high": hi, "units": len(per_unit), "pairs": len(arm), "better": int(better)}
 
 
+def same_seed_differences(pairs: dict, methods: list[str], base_methods: list[str]) -> dict[str, float]:
+    """Mean Dice of each seed of an arm minus the baseline's with the same seed (same initial weights and data
+    order in this project's runs), for the seeds both have."""
+    base = {split_name(m)[1]: m for m in base_methods if split_name(m)[1] is not None}
+    mean = lambda m: float(np.mean([r["dice"] for r in pairs[m]]))  # noqa: E731
+    return {f"s{seed}": mean(m) - mean(base[seed]) for m in methods
+            if (seed := split_name(m)[1]) is not None and seed in base}
+
+
 def summarise(compare_json: dict, baseline: str | None = None, runs: str | Path | None = None) -> list[dict]:
     """One row per arm (see the module docstring)."""
     pairs = compare_json["pairs"]
@@ -120,6 +131,7 @@ def summarise(compare_json: dict, baseline: str | None = None, runs: str | Path 
                "dice_per_seed": seed_means}
         if arm != baseline:
             row["vs_baseline"] = paired_difference(arm_pair_dice(pairs, methods), base)
+            row["vs_baseline"]["per_seed"] = same_seed_differences(pairs, methods, arms[baseline])
         if runs is not None:
             row.update(_training_figures(Path(runs), methods))
         rows.append(row)
@@ -147,8 +159,9 @@ def _training_figures(runs: Path, methods: list[str]) -> dict:
 
 def table(rows: list[dict], baseline: str) -> str:
     has_runs = any("flow_gap" in r for r in rows)
-    head = "| arm | seeds | Dice mean ± seed std | Dice per seed | vs " + baseline + " (95 % interval) | pairs better |"
-    sep = "|---|---|---|---|---|---|"
+    head = ("| arm | seeds | Dice mean ± seed std | Dice per seed | vs " + baseline + " (95 % interval) | same seed |"
+            " pairs better |")
+    sep = "|---|---|---|---|---|---|---|"
     if has_runs:
         head += " flow_gap (voxels) | steps/s |"
         sep += "---|---|"
@@ -159,7 +172,8 @@ def table(rows: list[dict], baseline: str) -> str:
         d = r.get("vs_baseline")
         diff = "-" if d is None else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({d['units']} units)"
         better = "-" if d is None else f"{d['better']}/{d['pairs']}"
-        line = f"| {r['arm']} | {r['seeds']} | {r['dice_mean']:.4f}{std} | {per} | {diff} | {better} |"
+        same = "-" if not (d and d["per_seed"]) else ", ".join(f"{v:+.3f}" for v in d["per_seed"].values())
+        line = f"| {r['arm']} | {r['seeds']} | {r['dice_mean']:.4f}{std} | {per} | {diff} | {same} | {better} |"
         if has_runs:
             gap = "-" if r.get("flow_gap") is None else f"{r['flow_gap']:.3f}"
             rate = "-" if r.get("steps_per_s") is None else f"{r['steps_per_s']:.2f}"

@@ -49,6 +49,8 @@ def test_paired_difference_over_subject_pairs(tmp_path):
     assert d["mean"] == pytest.approx(np.mean(units))
     assert (d["low"], d["high"]) == pytest.approx((np.mean(units) - half, np.mean(units) + half))
     assert rows["teacher"]["vs_baseline"]["mean"] == pytest.approx(0.09)
+    assert rows["teacher"]["vs_baseline"]["per_seed"] == {}  # no seed to pair with
+    assert d["per_seed"] == pytest.approx({"s0": 0.14 / 6, "s1": 0.02})
 
 
 def test_mismatched_pairs_and_unknown_baseline_are_refused():
