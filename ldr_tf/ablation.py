@@ -45,6 +45,14 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Writes <out>.md and <out>.json (default: print only).")
 
 
+def _read_json(path: Path):
+    """A JSON file, or ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def split_name(name: str) -> tuple[str, int | None]:
     """``"l2_s3"`` -> ``("l2", 3)``; a name without a seed suffix is its own arm (seed None)."""
     m = _SEEDED.match(name)
@@ -104,12 +112,11 @@ def paired_difference(arm: dict, base: dict, level: float = 0.95) -> dict:
     return {"mean": mean, "low": lo, "high": hi, "units": len(per_unit), "pairs": len(arm), "better": int(better)}
 
 
-def same_seed_differences(pairs: dict, methods: list[str], base_methods: list[str]) -> dict[str, float]:
-    """Mean Dice of each seed of an arm minus the baseline's with the same seed (same initial weights and data
-    order in this project's runs), for the seeds both have."""
+def same_seed_differences(means: dict[str, float], methods: list[str], base_methods: list[str]) -> dict[str, float]:
+    """Mean Dice (`means`: per method) of each seed of an arm minus the baseline's with the same seed (same initial
+    weights and data order in this project's runs), for the seeds both have."""
     base = {split_name(m)[1]: m for m in base_methods if split_name(m)[1] is not None}
-    mean = lambda m: float(np.mean([r["dice"] for r in pairs[m]]))  # noqa: E731
-    return {f"s{seed}": mean(m) - mean(base[seed]) for m in methods
+    return {f"s{seed}": means[m] - means[base[seed]] for m in methods
             if (seed := split_name(m)[1]) is not None and seed in base}
 
 
@@ -123,15 +130,16 @@ def summarise(compare_json: dict, baseline: str | None = None, runs: str | Path 
     if baseline not in arms:
         raise ValueError(f"baseline arm {baseline!r} not among the arms {sorted(arms)}")
     base = arm_pair_dice(pairs, arms[baseline])
+    means = {m: float(np.mean([r["dice"] for r in rows])) for m, rows in pairs.items()}
     rows = []
     for arm, methods in arms.items():
-        seed_means = [float(np.mean([r["dice"] for r in pairs[m]])) for m in methods]
+        seed_means = [means[m] for m in methods]
         row = {"arm": arm, "methods": methods, "seeds": len(methods), "dice_mean": float(np.mean(seed_means)),
                "dice_seed_std": float(np.std(seed_means, ddof=1)) if len(methods) > 1 else None,
                "dice_per_seed": seed_means}
         if arm != baseline:
             row["vs_baseline"] = paired_difference(arm_pair_dice(pairs, methods), base)
-            row["vs_baseline"]["per_seed"] = same_seed_differences(pairs, methods, arms[baseline])
+            row["vs_baseline"]["per_seed"] = same_seed_differences(means, methods, arms[baseline])
         if runs is not None:
             row.update(_training_figures(Path(runs), methods))
         rows.append(row)
@@ -144,10 +152,7 @@ def _training_figures(runs: Path, methods: list[str]) -> dict:
         path = runs / m / "summary.json"
         if not path.is_file():  # a method that is not a training run here (identity, ANTs, a teacher elsewhere)
             continue
-        try:
-            s = json.loads(path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        s = _read_json(path)
         window = s.get("last_window") or s.get("last") or {}
         if "flow_gap" in window:
             gaps.append(float(window["flow_gap"]))
@@ -190,10 +195,7 @@ def main(argv):
     path = Path(FLAGS.compare)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = _read_json(path)
     if not isinstance(data, dict) or "pairs" not in data:
         raise ValueError(f"{path}: not a comparison written by python -m ldr_tf.compare (no 'pairs')")
     rows = summarise(data, FLAGS.baseline, FLAGS.runs)

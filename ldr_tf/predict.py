@@ -160,25 +160,26 @@ def _prepare(loaded, spec, engine: str, before: bool) -> dict:
     return {**pair, "prepared": prepare_pair(spec, pair, before=before, engine=engine)}
 
 
-def _before(first) -> None:
-    """The "before registration" labels and scores of a `_prepare` future's pair (`deploy.native.add_before`);
-    a pair that failed is reported by that future instead."""
+def _done_or_none(future):
+    """The result of a reader future, or None if it failed (its own future reports the error to the main thread)."""
     try:
-        pair = first.result()
+        return future.result()
     except (ValueError, OSError):
-        return
-    add_before(pair["prepared"], pair, compiled=False)
+        return None
+
+
+def _before(first) -> None:
+    """The "before registration" scores of a `_prepare` future's pair (`deploy.native.add_before`)."""
+    pair = _done_or_none(first)
+    if pair is not None:
+        add_before(pair["prepared"], pair, compiled=False)
 
 
 def _compile(loaded, grid, mm: bool) -> None:
-    """Compiles the pull-back for the pair of a `load_pair` future; a pair that failed to load is reported by
-    `_prepare`'s future instead."""
-    try:
-        pair = loaded.result()
-    except (ValueError, OSError):
-        return
-    compile_for(pair, grid, mm)
-
+    """Compiles the pull-back for the pair of a `load_pair` future."""
+    pair = _done_or_none(loaded)
+    if pair is not None:
+        compile_for(pair, grid, mm)
 
 
 def _main(fv) -> int:

@@ -577,7 +577,6 @@ def _sampler(engine: str, mode: str):
     return lambda *a, **k: sample_affine(*a, **k, compiled=engine == "xla")
 
 
-
 def apply(spec: Preprocessing, image, labels=None, points=None, crop_mask=None, want_labels: bool = True,
           engine: str = "xla"):
     """Preprocesses one scan onto the network grid.

@@ -31,6 +31,11 @@ def _axis_positions(matrix: np.ndarray, out_shape, axis: int) -> np.ndarray:
     return (row[0] * i)[:, None, None] + (row[1] * j)[None, :, None] + (row[2] * k)[None, None, :] + row[3]
 
 
+def _inside(pos: np.ndarray, n: int) -> np.ndarray:
+    """True where a source coordinate lies within half a voxel of an axis of `n` voxels."""
+    return (pos >= -0.5 - _TOL) & (pos <= n - 0.5 + _TOL)
+
+
 def _signed_permutation(matrix: np.ndarray):
     """For a matrix whose 3x3 part has one non-zero per row and column (axis permutations, flips and scales: every
     preprocessing grid, as reorientation never rotates obliquely), the source axis read by each output axis;
@@ -42,21 +47,25 @@ def _signed_permutation(matrix: np.ndarray):
     return np.argmax(nz, axis=0)
 
 
-def _separable_linear(vol: np.ndarray, matrix: np.ndarray, perm, out_shape) -> np.ndarray:
+def _separable_linear(vol: np.ndarray, matrix: np.ndarray, perm, out_shape):
     """Trilinear sampling with a clamped border for an axis-aligned matrix, one axis at a time (a product of 1-D
     linear interpolations equals the trilinear one): NumPy gathers that release the GIL, ~4x faster than SciPy's
-    general affine_transform."""
+    general affine_transform. Returns the samples and the inside mask (`_inside` per axis, broadcast)."""
     out = np.transpose(vol, perm)
+    inside = np.ones(out_shape, bool)
     for j, n_out in enumerate(out_shape):
         src = perm[j]
         n = vol.shape[src]
-        pos = np.clip(matrix[src, j] * np.arange(n_out, dtype=np.float64) + matrix[src, 3], 0, n - 1)
+        axis_shape = [-1 if k == j else 1 for k in range(3)]
+        pos = matrix[src, j] * np.arange(n_out, dtype=np.float64) + matrix[src, 3]
+        inside &= _inside(pos, n).reshape(axis_shape)
+        pos = np.clip(pos, 0, n - 1)
         i0 = np.floor(pos).astype(np.intp)
         i1 = np.minimum(i0 + 1, n - 1)
-        w = (pos - i0).astype(np.float32).reshape([-1 if k == j else 1 for k in range(3)])
+        w = (pos - i0).astype(np.float32).reshape(axis_shape)
         lo = np.take(out, i0, axis=j)
         out = lo + w * (np.take(out, i1, axis=j) - lo)
-    return np.ascontiguousarray(out, np.float32)
+    return np.ascontiguousarray(out, np.float32), inside
 
 
 def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0) -> np.ndarray:
@@ -85,27 +94,18 @@ def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0) -> np
         raise ValueError(f"volume: mode 'nearest' is for integer label maps, got dtype {vol.dtype}")
     m = np.asarray(matrix, np.float64)
     out_shape = tuple(int(s) for s in out_shape)
-    inside = np.ones(out_shape, bool)
     perm = _signed_permutation(m)
     if mode == "linear" and perm is not None:
-        out = _separable_linear(vol.astype(np.float32, copy=False), m, perm, out_shape)
-        for j, n_out in enumerate(out_shape):
-            pos = m[perm[j], j] * np.arange(n_out, dtype=np.float64) + m[perm[j], 3]
-            ok = (pos >= -0.5 - _TOL) & (pos <= vol.shape[perm[j]] - 0.5 + _TOL)
-            inside &= ok.reshape([-1 if k == j else 1 for k in range(3)])
-    elif mode == "linear":
-        out = ndimage.affine_transform(vol.astype(np.float32, copy=False), m[:3, :3], m[:3, 3],
-                                       output_shape=out_shape, output=np.float32, order=1, mode="nearest",
-                                       prefilter=False)
-        for axis in range(3):
-            pos = _axis_positions(m, out_shape, axis)
-            inside &= (pos >= -0.5 - _TOL) & (pos <= vol.shape[axis] - 0.5 + _TOL)
+        out, inside = _separable_linear(vol.astype(np.float32, copy=False), m, perm, out_shape)
     else:
-        index = []
-        for axis in range(3):
-            pos = _axis_positions(m, out_shape, axis)
-            inside &= (pos >= -0.5 - _TOL) & (pos <= vol.shape[axis] - 0.5 + _TOL)
-            index.append(np.clip(np.rint(pos), 0, vol.shape[axis] - 1).astype(np.intp))
-        out = vol[tuple(index)].astype(np.int32)
+        pos = [_axis_positions(m, out_shape, axis) for axis in range(3)]
+        inside = _inside(pos[0], vol.shape[0]) & _inside(pos[1], vol.shape[1]) & _inside(pos[2], vol.shape[2])
+        if mode == "linear":
+            out = ndimage.affine_transform(vol.astype(np.float32, copy=False), m[:3, :3], m[:3, 3],
+                                           output_shape=out_shape, output=np.float32, order=1, mode="nearest",
+                                           prefilter=False)
+        else:
+            index = tuple(np.clip(np.rint(q), 0, n - 1).astype(np.intp) for q, n in zip(pos, vol.shape))
+            out = vol[index].astype(np.int32)
     out[~inside] = fill
     return out

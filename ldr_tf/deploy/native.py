@@ -128,8 +128,8 @@ def prepare_pair(spec, loaded: dict, before: bool = True, engine: str = "xla") -
     scans are taken whole and ``note`` says so. `engine`: the resampler (`ldr_tf.data.preprocess.apply`:
     ``"xla"`` for batches, ``"scipy"`` for a one-off pair; with ``"scipy"`` and ``before=False`` nothing here uses
     TensorFlow). Returns ``{"spec", "spec_used", "note", "fixed", "moving", "fixed_geom",
-    "moving_geom", "seconds"}`` and, with both label maps and `before`, ``"before_labels"`` (`labels_before`) and
-    their scores ``"before_overlap"`` (`ldr_tf.ops.metrics.label_overlap`), so that a reader thread does that work.
+    "moving_geom", "seconds"}`` and, with both label maps and `before`, the scores ``"before_overlap"`` of
+    `labels_before` (`add_before`), so that a reader thread does that work.
     """
     from ldr_tf.data import preprocess
 
@@ -154,9 +154,9 @@ def prepare_pair(spec, loaded: dict, before: bool = True, engine: str = "xla") -
 
 
 def add_before(prepared: dict, loaded: dict, compiled: bool = True) -> dict:
-    """With both label maps, adds the "before registration" labels and scores to a `prepare_pair` result
-    (``"before_labels"``: `labels_before`, ``"before_overlap"``: `ldr_tf.ops.metrics.label_overlap`), so that a
-    reader thread does that work; returns `prepared`. Its seconds are added to ``prepared["seconds"]``."""
+    """With both label maps, adds the "before registration" scores to a `prepare_pair` result (``"before_overlap"``:
+    `ldr_tf.ops.metrics.label_overlap` of `labels_before`), so that a reader thread does that work; returns
+    `prepared`. Its seconds are added to ``prepared["seconds"]``."""
     f_img, m_img, m_lab, f_lab = (loaded[k] for k in ("fixed", "moving", "moving_seg", "fixed_seg"))
     if f_lab is None or m_lab is None:
         return prepared
@@ -165,7 +165,6 @@ def add_before(prepared: dict, loaded: dict, compiled: bool = True) -> dict:
     t = time.perf_counter()
     before = labels_before(f_img, m_img, np.asarray(m_lab.dataobj), prepared["fixed_geom"].source_shape, compiled)
     prepared["before_overlap"] = metrics.label_overlap(np.asarray(f_lab.dataobj), before)
-    prepared["before_labels"] = before
     prepared["seconds"] += time.perf_counter() - t
     return prepared
 
