@@ -68,8 +68,8 @@ def define_train_flags() -> None:
                         "Teacher for --model=student: a training run directory (checkpoint) or an exported SavedModel.")
     flags.DEFINE_string("teacher_cache", None,
                         "Precomputed teacher flows (python -m ldr_tf.distill) instead of running the teacher.")
-    flags.DEFINE_bool("aldk", True, "Adversarial learning with distilling knowledge (student only). "
-                                    "--noaldk trains the same student on the reconstruction loss alone (ablation).")
+    flags.DEFINE_bool("aldk", False, "Adversarial learning with distilling knowledge (the paper's critic; student with "
+                      "--teacher only). Off by default: on IXI it added nothing to direct distillation (README, ALDK).")
     flags.DEFINE_float("gamma", 0.3, "L_adv = gamma * l_rec + (1 - gamma) * l_dis.")
     flags.DEFINE_float("lambda_gp", 10.0, "Weight of the critic's gradient penalty (the paper: 0.1, with its "
                                           "sigmoid critic; 10 is WGAN-GP's, needed by the linear critic).")
@@ -96,9 +96,11 @@ def define_train_flags() -> None:
     flags.DEFINE_enum("critic_flow", "total", ["total", "residual"],
                       "What the critic sees of a deformation: total = the whole flow (the paper's); residual = the "
                       "flow minus its least-squares affine part (the dense part, where student and teacher differ).")
-    flags.DEFINE_enum("distill", "none", ["none", "l2", "l1"],
+    flags.DEFINE_enum("distill", "auto", ["auto", "none", "l2", "l1"],
                       "Direct distillation (student with --teacher): add --distill_weight x the mean squared (l2) or "
-                      "absolute (l1) difference between the dense residuals of the student's and teacher's flows.")
+                      "absolute (l1) difference between the dense residuals of the student's and teacher's flows. "
+                      "auto (default) = l2 when a teacher is given, none otherwise; none with a teacher = the plain "
+                      "student (the teacher only logs flow_gap).")
     flags.DEFINE_float("distill_weight", 1.0, "Weight of --distill (voxels^2 for l2, voxels for l1).")
     flags.DEFINE_enum("gp_norm", "rms", ["rms", "l2"],
                       "Gradient penalty norm: rms keeps the critic 1-Lipschitz w.r.t. the RMS distance between "

@@ -30,7 +30,7 @@ Example::
 
     python -m ldr_tf.compare --dataset=brain --subset=test --out=compare/brain \\
         --method=identity --method=affine=runs/teacher:affine --method=teacher=models/teacher \\
-        --method=student=models/student --method=student_noaldk=models/student_noaldk --method=ants_syn=ants:SyN
+        --method=student=models/student --method=student_plain=models/student_plain --method=ants_syn=ants:SyN
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@ Stages (each prints its progress; finished stages are reused when the demo is ru
 
 1. data: generate the embedded synthetic dataset (``--dataset=demo``: 24 subjects at 64^3, no download);
 2. teacher: train the RCN teacher (VTN affine stage + VTN cascades, unsupervised);
-3. student + ALDK: train the light-weight student from the frozen teacher's deformations with the adversarial critic;
-4. student without ALDK: the same student, seed, data and schedule, reconstruction loss only (the ablation);
-5. export: teacher and both students as SavedModels;
-6. evaluate: identity, the teacher's affine stage alone, teacher, student, student without ALDK on every validation
-   pair (Dice, Jaccard, landmark distance, Jacobian std, % folding, CPU seconds per pair through the SavedModel);
+3. student: train the light-weight student from the frozen teacher's deformations (the default distillation,
+   ``ldr_tf.training.config.DEFAULT_DISTILL``; with ``--aldk`` also a student with the adversarial critic, 3b);
+4. plain student: the same student, seed, data and schedule without a teacher, reconstruction loss only (the
+   ablation);
+5. export: teacher and the students as SavedModels;
+6. evaluate: identity, the teacher's affine stage alone, teacher and students on every validation pair (Dice,
+   Jaccard, landmark distance, Jacobian std, % folding, CPU seconds per pair through the SavedModel);
 7. report: ``<out_dir>/report.md`` + ``report.json`` with a table like the paper's Table 1, a slice comparison like
    its Figure 2 and a Dice-vs-speed plot like its Figure 1.
 """
@@ -25,9 +27,11 @@ from absl import flags, logging
 from flags import common_flags
 from ldr_tf import __version__, cli
 from ldr_tf.atomic import write_json
-from ldr_tf.training.config import TrainConfig
+from ldr_tf.training.config import DEFAULT_DISTILL, TrainConfig
 
 FLAGS = flags.FLAGS
+# Report names of the two optional students (the distilled default is "student").
+PLAIN, ALDK = "student (plain)", "student (ALDK)"
 
 
 def define_flags() -> None:
@@ -42,7 +46,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 is the reference network.")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")
     flags.DEFINE_integer("teacher_steps", 400, "Teacher training steps.")
-    flags.DEFINE_integer("student_steps", 250, "Student training steps (with and without ALDK alike).")
+    flags.DEFINE_integer("student_steps", 250, "Student training steps (every student alike).")
+    flags.DEFINE_bool("aldk", False, "Also train and evaluate a student with ALDK (the paper's adversarial critic, on "
+                                     "top of the default distillation): about 2.5 more minutes.")
     flags.DEFINE_integer("critic_every", 2, "ALDK: train the critic after every k-th student step (its step, with "
                                             "the gradient penalty, costs about twice a student step).")
     flags.DEFINE_float("gamma", 0.9, "ALDK's L_adv = gamma * l_rec + (1 - gamma) * l_dis. The paper's 0.3 lets the "
@@ -178,10 +184,15 @@ def write_report(out_dir: Path, rows, figs, stages: Stages, settings: dict, trai
     lines += ["", "Mean ± std over validation pairs; each pair's Dice/Jaccard is the mean over the labels of the fixed",
               "segmentation. CPU seconds: one registration through the exported SavedModel, warm, this machine's",
               f"threads, {settings['size']}^3 (see `python -m ldr_tf.benchmark` for 128^3 timings).", ""]
-    if "student" in by and "student (no ALDK)" in by:
-        d = by["student"]["dice"] - by["student (no ALDK)"]["dice"]
-        lines.append(f"**ALDK ablation**: the student trained with ALDK has Dice {_fmt(by['student']['dice'])} vs "
-                     f"{_fmt(by['student (no ALDK)']['dice'])} without it ({d:+.3f}), same seed, data and steps.")
+    if "student" in by and PLAIN in by:
+        d = by["student"]["dice"] - by[PLAIN]["dice"]
+        lines.append(f"**Distillation ablation**: the student distilled from the teacher has Dice "
+                     f"{_fmt(by['student']['dice'])} vs {_fmt(by[PLAIN]['dice'])} without a teacher ({d:+.3f}), "
+                     "same seed, data and steps.")
+    if ALDK in by and "student" in by:
+        d = by[ALDK]["dice"] - by["student"]["dice"]
+        lines.append(f"**ALDK**: adding the adversarial critic gives Dice {_fmt(by[ALDK]['dice'])} ({d:+.3f} vs "
+                     "the distilled student).")
     if "teacher" in by and "student" in by:
         ratio = by["teacher"]["seconds"] / max(by["student"]["seconds"], 1e-9)
         lines.append(f"**Student vs teacher**: Dice {_fmt(by['student']['dice'])} vs {_fmt(by['teacher']['dice'])}; "
@@ -206,7 +217,7 @@ def write_report(out_dir: Path, rows, figs, stages: Stages, settings: dict, trai
               f"--lr_schedule=constant --out_dir={settings['runs']}/teacher",
               f"python -m ldr_tf.train --model=student --student_stem=ldr --teacher={settings['runs']}/teacher "
               f"--dataset={settings['dataset']} --cascades={settings['cascades']} --steps={settings['student_steps']} "
-              f"--gamma={settings['gamma']} --lr_schedule=constant --out_dir={settings['runs']}/student",
+              f"--lr_schedule=constant --out_dir={settings['runs']}/student",
               f"python -m ldr_tf.export --checkpoint={settings['runs']}/student --out={settings['models']}/student",
               f"python -m ldr_tf.evaluate --model={settings['models']}/student --dataset={settings['dataset']} "
               "--subset=2 --out=eval/student",
@@ -243,16 +254,21 @@ def main(argv):
     # on a 32^3 grid here (README, "Student variants").
     student = dict(model="student", affine="lite", student_stem="ldr", steps=FLAGS.student_steps,
                    val_every=max(FLAGS.student_steps // 4, 1), checkpoint_every=FLAGS.student_steps, **common)
-    aldk_cfg = TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=FLAGS.gamma,
-                           critic_every=FLAGS.critic_every, out_dir=str(runs / "student"), **student)
-    plain_cfg = TrainConfig(aldk=False, out_dir=str(runs / "student_noaldk"), **student)
+    teacher = dict(teacher=str(runs / "teacher"), distill=DEFAULT_DISTILL)
+    student_cfg = TrainConfig(out_dir=str(runs / "student"), **teacher, **student)
+    aldk_cfg = TrainConfig(aldk=True, gamma=FLAGS.gamma, critic_every=FLAGS.critic_every,
+                           out_dir=str(runs / "student_aldk"), **teacher, **student)
+    plain_cfg = TrainConfig(out_dir=str(runs / "student_plain"), **student)
     summaries = {}
     summaries["teacher"] = stages.run("2. teacher", _train, teacher_cfg, FLAGS.reuse)
-    summaries["student (ALDK)"] = stages.run("3. student with ALDK", _train, aldk_cfg, FLAGS.reuse)
-    summaries["student (no ALDK)"] = stages.run("4. student without ALDK", _train, plain_cfg, FLAGS.reuse)
+    summaries["student"] = stages.run("3. student (distilled)", _train, student_cfg, FLAGS.reuse)
+    if FLAGS.aldk:
+        summaries[ALDK] = stages.run("3b. student with ALDK", _train, aldk_cfg, FLAGS.reuse)
+    summaries[PLAIN] = stages.run("4. plain student (no teacher)", _train, plain_cfg, FLAGS.reuse)
+    names = ["teacher", "student", "student_plain"] + (["student_aldk"] if FLAGS.aldk else [])
 
     def export_all():
-        return {n: _export(runs / n, models / n, FLAGS.reuse) for n in ("teacher", "student", "student_noaldk")}
+        return {n: _export(runs / n, models / n, FLAGS.reuse) for n in names}
 
     exported = stages.run("5. export", export_all)
 
@@ -262,14 +278,17 @@ def main(argv):
         ("identity", open_registrar("identity")),
         ("affine (teacher's stage)", open_registrar(runs / "teacher", stage="affine")),
         ("teacher", open_registrar(exported["teacher"])),
-        ("student (no ALDK)", open_registrar(exported["student_noaldk"])),
+        (PLAIN, open_registrar(exported["student_plain"])),
         ("student", open_registrar(exported["student"])),
     ]
+    if FLAGS.aldk:
+        methods.append((ALDK, open_registrar(exported["student_aldk"])))
     rows = stages.run("6. evaluate", _evaluate, methods, desc, evals)
     figs = stages.run("7. figures", _figures, methods, desc, figs_dir, rows)
     settings = {"size": FLAGS.size, "subjects": FLAGS.subjects, "cascades": FLAGS.cascades,
                 "channels": FLAGS.channels, "batch": FLAGS.batch, "teacher_steps": FLAGS.teacher_steps,
-                "student_steps": FLAGS.student_steps, "critic_every": FLAGS.critic_every, "gamma": FLAGS.gamma, "lr": FLAGS.lr, "seed": FLAGS.seed,
+                "student_steps": FLAGS.student_steps, "distill": DEFAULT_DISTILL, "aldk": FLAGS.aldk,
+                "critic_every": FLAGS.critic_every, "gamma": FLAGS.gamma, "lr": FLAGS.lr, "seed": FLAGS.seed,
                 "dataset": str(path), "runs": str(runs), "models": str(models)}
     report = write_report(out, rows, figs, stages, settings, summaries)
     print("\n" + report.read_text().split("## Figures")[0])

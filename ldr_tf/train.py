@@ -1,10 +1,11 @@
-"""``python -m ldr_tf.train``: train the RCN teacher, or the light-weight student with or without ALDK.
+"""``python -m ldr_tf.train``: train the RCN teacher, or the light-weight student from it (distillation, ALDK).
 
 Examples::
 
     python -m ldr_tf.train --model=teacher --cascades=3 --dataset=liver --out_dir=runs/teacher
     python -m ldr_tf.train --model=student --cascades=3 --dataset=liver --teacher=runs/teacher --out_dir=runs/student
-    python -m ldr_tf.train --model=student --noaldk ... --out_dir=runs/student-noaldk      # the ablation
+    python -m ldr_tf.train --model=student --cascades=3 --dataset=liver --out_dir=runs/student-plain  # no teacher
+    python -m ldr_tf.train --model=student --aldk ... --teacher=runs/teacher --out_dir=runs/student-aldk
     python -m ldr_tf.train --preset=demo --model=teacher --out_dir=/tmp/t                 # small, minutes on 2 cores
 
 Writes ``<out_dir>/config.json`` first, then checkpoints (``checkpoints/``), TensorBoard logs (``logs/``) and
@@ -22,7 +23,7 @@ from flags import common_flags, train_flags
 from ldr_tf import __version__, cli
 from ldr_tf.atomic import write_json
 from ldr_tf.data.dataset import open_dataset
-from ldr_tf.training.config import TrainConfig, load_run_config, network_config
+from ldr_tf.training.config import TrainConfig, load_run_config, network_config, resolve_distill, student_description
 
 FLAGS = flags.FLAGS
 # Flags that may change when a run is resumed; any other flag given with --resume must match the saved run.
@@ -44,7 +45,8 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
         seg_half=fv.seg_half, augment=fv.augment, teacher=fv.teacher, teacher_cache=fv.teacher_cache,
         aldk=fv.aldk, gamma=fv.gamma, lambda_gp=fv.lambda_gp, beta=fv.beta, critic_steps=fv.critic_steps,
         critic_every=fv.critic_every, critic_lr=fv.critic_lr, critic_output=fv.critic_output, dis_loss=fv.dis_loss,
-        critic_condition=fv.critic_condition, critic_flow=fv.critic_flow, distill=fv.distill,
+        critic_condition=fv.critic_condition, critic_flow=fv.critic_flow,
+        distill=resolve_distill(fv.distill, fv.model, bool(fv.teacher or fv.teacher_cache)),
         distill_weight=fv.distill_weight, gp_norm=fv.gp_norm, gp_point=fv.gp_point,
         critic_warmup=fv.critic_warmup, critic_beta1=fv.critic_beta1,
         out_dir=fv.out_dir or "", checkpoint_every=fv.checkpoint_every, val_every=fv.val_every,
@@ -129,7 +131,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
             "parameters": params,
         }, out_dir / "config.json")
     if cfg.model == "student":
-        what = "student with ALDK" if cfg.aldk else "student without ALDK (reconstruction loss only)"
+        what = student_description(cfg)
     else:
         what = "teacher"
     start = trainer.restore() if resume else 0

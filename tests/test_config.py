@@ -65,6 +65,26 @@ def test_every_train_config_field_comes_from_a_flag():
     assert train.config_from_flags(fv).affine == "vtn"
 
 
+def test_distill_auto_is_direct_distillation_with_a_teacher_and_none_without():
+    from ldr_tf import train
+    from ldr_tf.training.config import resolve_distill, student_description
+
+    fv = types.SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
+    fv.model, fv.affine, fv.distill = "student", "auto", "auto"
+    plain = train.config_from_flags(fv)
+    assert (plain.distill, plain.aldk) == ("none", False)
+    fv.teacher_cache = "flows.h5"
+    distilled = train.config_from_flags(fv)
+    assert (distilled.distill, distilled.aldk) == ("l2", False)
+    assert resolve_distill("auto", "teacher", True) == "none" and resolve_distill("l1", "student", False) == "l1"
+    fv.distill = "none"  # a teacher given only to log flow_gap: the plain student
+    assert train.config_from_flags(fv).distill == "none"
+    assert student_description(distilled) == "student with direct distillation (l2, weight 1)"
+    assert student_description(plain) == "student without distillation (reconstruction loss only)"
+    assert student_description(TrainConfig(aldk=True, distill="l2", distill_weight=0.5)) == \
+        "student with direct distillation (l2, weight 0.5) + ALDK"
+
+
 def test_rcn_step_schedule_and_the_others():
     from ldr_tf.training.trainer import RCNStepSchedule, make_schedule
 

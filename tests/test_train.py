@@ -206,9 +206,10 @@ def test_cli_two_steps_then_resume_and_refuse_overwrite(tmp_path, data_dir):
 
 
 def test_cli_student_with_aldk_needs_a_teacher(tmp_path, data_dir):
-    r = _run([f"--data_dir={data_dir}", "--dataset=demo", "--model=student", f"--out_dir={tmp_path / 'x'}",
+    r = _run([f"--data_dir={data_dir}", "--dataset=demo", "--model=student", "--aldk", f"--out_dir={tmp_path / 'x'}",
               "--steps=1"])
     assert r.returncode == 1 and "needs --teacher" in r.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
 
 
 def _free_port():

@@ -10,10 +10,11 @@ pieces, interrupted with Ctrl-C and started again):
    uses the 30 neighbour pairs of the test subjects). ``--mode=atlas``: the earlier setup, every scan cropped to its
    own label box and registered to one training subject (the atlas);
 2. ``teacher``: VTN affine + ``--teacher_cascades`` VTN cascades (width ``--channels``), unsupervised;
-3. ``student``: the light-weight student (lite affine + ``--student_cascades`` LDR stems) with ALDK from the teacher;
-4. ``student_noaldk``: the same student without ALDK (the ablation);
+3. ``student``: the light-weight student (lite affine + ``--student_cascades`` LDR stems) distilled from the teacher
+   (the default distillation, ``DEFAULT_DISTILL``; ``--aldk`` adds the adversarial critic);
+4. ``student_plain``: the same student without a teacher (the ablation);
 5. ``export``: the three models as SavedModels;
-6. ``compare``: identity, the teacher's affine stage alone, teacher, student, student without ALDK and ANTs SyN
+6. ``compare``: identity, the teacher's affine stage alone, teacher, student, plain student and ANTs SyN
    (when ``antspyx`` is installed) on the test pairs, scored on the atlas' native grid (``ldr_tf.compare``).
 
 Label supervision is optional (``--seg_weight``: a Dice term on the training pairs' label maps); inference is
@@ -28,10 +29,10 @@ from absl import flags
 
 from flags import common_flags
 from ldr_tf import cli
-from ldr_tf.training.config import DEFAULT_STUDENT_STEM, TrainConfig
+from ldr_tf.training.config import DEFAULT_DISTILL, DEFAULT_STUDENT_STEM, TrainConfig
 
 FLAGS = flags.FLAGS
-STAGES = ("import", "teacher", "student", "student_noaldk", "export", "compare")
+STAGES = ("import", "teacher", "student", "student_plain", "export", "compare")
 
 
 def define_flags() -> None:
@@ -55,8 +56,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("channels", 8, "Teacher (VTN) width; 16 = the reference network.")
     flags.DEFINE_integer("batch", 2, "Pairs per step.")
     flags.DEFINE_integer("teacher_steps", 6000, "Teacher training steps.")
-    flags.DEFINE_integer("student_steps", 4000, "Student training steps (with and without ALDK alike).")
+    flags.DEFINE_integer("student_steps", 4000, "Student training steps (both students alike).")
     flags.DEFINE_float("lr", 1e-4, "Adam learning rate (RCN's step schedule).")
+    flags.DEFINE_bool("aldk", False, "Train the student with ALDK (the adversarial critic) on top of the distillation.")
     flags.DEFINE_float("gamma", 0.9, "ALDK's L_adv = gamma * l_rec + (1 - gamma) * l_dis (README, ALDK: the paper's "
                                      "0.3 lets the adversarial term dominate).")
     flags.DEFINE_bool("ants", True, "Include ANTs SyN in the comparison when antspyx is installed.")
@@ -81,9 +83,9 @@ def _train(cfg: TrainConfig):
 
 
 def make_configs(fv, dataset: Path, runs: Path) -> dict:
-    """The three training runs of the recipe from its flag values: ``{"teacher", "student", "student_noaldk"}``.
+    """The three training runs of the recipe from its flag values: ``{"teacher", "student", "student_plain"}``.
 
-    Both students get the same network, data, budget and seed; they differ only in ALDK.
+    Both students get the same network, data, budget and seed; they differ only in what they learn from the teacher.
     """
     common = dict(dataset=str(dataset), image_size=fv.grid, batch=fv.batch, lr=fv.lr, lr_schedule="step",
                   val_every=500, val_pairs=10, checkpoint_every=250, log_every=50, seed=fv.seed,
@@ -94,9 +96,9 @@ def make_configs(fv, dataset: Path, runs: Path) -> dict:
                    steps=fv.student_steps, **common)
     return {
         "teacher": teacher,
-        "student": TrainConfig(aldk=True, teacher=str(runs / "teacher"), gamma=fv.gamma,
-                               out_dir=str(runs / "student"), **student),
-        "student_noaldk": TrainConfig(aldk=False, out_dir=str(runs / "student_noaldk"), **student),
+        "student": TrainConfig(teacher=str(runs / "teacher"), distill=DEFAULT_DISTILL, aldk=fv.aldk,
+                               gamma=fv.gamma, out_dir=str(runs / "student"), **student),
+        "student_plain": TrainConfig(out_dir=str(runs / "student_plain"), **student),
     }
 
 
@@ -127,7 +129,7 @@ def main(argv):
     if not dataset.is_file():
         raise ValueError(f"{dataset} not found: run the import stage first")
     configs = make_configs(FLAGS, dataset, runs)
-    for stage in ("teacher", "student", "student_noaldk"):
+    for stage in ("teacher", "student", "student_plain"):
         if stage in FLAGS.stages:
             print(f"\n=== {stage} ===", flush=True)
             _train(configs[stage])
@@ -146,7 +148,7 @@ def main(argv):
             "identity",
             f"affine={runs / 'teacher'}:affine",
             f"teacher={models / 'teacher'}",
-            f"student_noaldk={models / 'student_noaldk'}",
+            f"student_plain={models / 'student_plain'}",
             f"student={models / 'student'}",
         ]
         try:
