@@ -291,7 +291,8 @@ def run(s: Settings) -> dict:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"{PROG}: {machine['cpu_model']}, {machine['cpu_count']} CPUs ({machine['cpus_usable']} usable), "
           f"ISA {machine['isa']}, AVX-512 BF16 {'yes' if machine['avx512_bf16'] else 'no'}, AMX-BF16 "
-          f"{'yes' if machine['amx_bf16'] else 'no'}, {machine['memory_mb']} MB RAM, load average "
+          f"{'yes' if machine['amx_bf16'] else 'no'} (native bfloat16 "
+          f"{'yes' if machine['native_bfloat16'] else 'no'}), {machine['memory_mb']} MB RAM, load average "
           f"{machine['loadavg']}", flush=True)  # fmt: skip
     print(f"TensorFlow {runtime['tensorflow']}: oneDNN {'on' if runtime['onednn_enabled'] else 'OFF'} "
           f"(TF_ENABLE_ONEDNN_OPTS={runtime['TF_ENABLE_ONEDNN_OPTS'] or 'unset'}); --threads={s.threads} "

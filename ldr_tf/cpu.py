@@ -45,9 +45,36 @@ def isa_level(flags: set | None = None) -> str:
 
 
 def has_native_bfloat16(flags: set | None = None) -> bool:
-    """True when the CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX-BF16)."""
+    """True when the CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX-BF16) and no ISA cap hides it."""
     flags = cpu_flags() if flags is None else flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return bool({"avx512_bf16", "amx_bf16"} & flags) and isa_cap() in (None, "avx512")
+
+
+def isa_cap(env=None) -> str | None:
+    """The ISA level the kernels are capped to by the environment (``avx2``, ``avx``, ``sse``), or None.
+
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` (or ``DNNL_MAX_CPU_ISA``) makes oneDNN use its AVX2 kernels and
+    ``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` makes XLA emit AVX2 code: on an AVX-512 machine the two together emulate
+    the instruction set of an AVX2-only CPU (not its caches, clocks or memory), which is how the benchmark's "AVX2
+    (emulated)" figures were measured. The lowest cap of the two counts.
+    """
+    env = os.environ if env is None else env
+    values = [env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or ""]
+    for part in (env.get("XLA_FLAGS") or "").split():
+        if part.startswith("--xla_cpu_max_isa="):
+            values.append(part.split("=", 1)[1])
+    levels = []
+    for v in (x.strip().lower() for x in values if x.strip()):
+        if v.startswith("avx512") or v.startswith("avx10") or v.startswith("amx"):
+            levels.append("avx512")
+        elif v.startswith("avx2"):
+            levels.append("avx2")
+        elif v.startswith("avx"):
+            levels.append("avx")
+        elif v.startswith("sse"):
+            levels.append("sse")
+    order = ["sse", "avx", "avx2", "avx512"]
+    return min(levels, key=order.index) if levels else None
 
 
 def loadavg() -> list | None:
@@ -67,11 +94,15 @@ def machine_info() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         affinity = os.cpu_count()
+    isa, cap = isa_level(flags), isa_cap()
+    order = ["unknown", "sse", "avx", "avx2", "avx512"]
+    capped = cap is not None and order.index(cap) < order.index(isa)
     return {
         "cpu_model": model,
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
-        "isa": isa_level(flags),
+        "isa": f"{cap} (capped from {isa}: emulated)" if capped else isa,
+        "isa_cap": cap if capped else None,
         "avx512f": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,

@@ -60,6 +60,28 @@ def test_isa_level_and_native_bfloat16(flags, isa, bf16):
         assert "float32" in advice
 
 
+@pytest.mark.parametrize("env, cap", [
+    ({}, None),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "avx2"),
+    ({"DNNL_MAX_CPU_ISA": "avx512_core_bf16"}, "avx512"),
+    ({"XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_cpu_max_isa=AVX"}, "avx"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"}, "sse"),  # the lowest cap counts
+    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, None),
+])
+def test_isa_cap_from_the_environment(env, cap):
+    assert cpu.isa_cap(env) == cap
+
+
+def test_an_isa_cap_is_reported_and_hides_native_bfloat16(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu.has_native_bfloat16({"avx", "avx2", "avx512f", "avx512_bf16"})
+    m = cpu.machine_info()
+    if cpu.isa_level() == "avx512":
+        assert m["isa"] == "avx2 (capped from avx512: emulated)" and m["isa_cap"] == "avx2"
+    else:
+        assert m["isa_cap"] is None or m["isa_cap"] == "avx2"
+
+
 def test_machine_info_and_describe_name_the_isa_and_onednn():
     m = cpu.machine_info()
     assert m["isa"] in ("avx512", "avx2", "avx", "sse", "unknown")
