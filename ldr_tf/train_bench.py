@@ -5,8 +5,11 @@ step of `ldr_tf.training.trainer.Trainer` (data pipeline, augmentation, losses, 
 between the timed steps):
 
 1. the teacher (VTN affine + ``--cascades`` VTN stems of width ``--channels``);
-2. the student without ALDK (lite affine + ``--cascades`` student stems);
-3. the student with ALDK from that teacher (the frozen teacher's forward pass and one critic step per student step).
+2. ``student``: the plain student (lite affine + ``--cascades`` student stems, no teacher);
+3. ``student_distill``: the default student, distilled from that teacher (``--distill=l2``: the frozen teacher's
+   forward pass on every batch; with a ``--teacher_cache`` the teacher's cost is a file read instead);
+4. ``student_aldk``: the student with ALDK from that teacher (the teacher's forward pass and one critic step per
+   student step).
 
 Each is traced and run for ``--warmup`` steps, then timed over ``--steps`` steps. The CPU, its ISA level and
 whether oneDNN is on are printed first: training speed depends on them more than on anything else (README,
@@ -29,11 +32,11 @@ from pathlib import Path
 from absl import flags
 
 from ldr_tf import cli, cpu
-from ldr_tf.training.config import DEFAULT_STUDENT_STEM
+from ldr_tf.training.config import DEFAULT_DISTILL, DEFAULT_STUDENT_STEM
 
 FLAGS = flags.FLAGS
 PROG = "ldr_tf.train_bench"
-KINDS = ("teacher", "student", "student_aldk")
+KINDS = ("teacher", "student", "student_distill", "student_aldk")
 
 
 def define_flags() -> None:
@@ -81,9 +84,10 @@ def _config(fv, kind: str, size: int, data_dir: Path, out: Path, teacher: Path |
                   checkpoint_every=10**9, out_dir=str(out), seed=fv.seed)
     if kind == "teacher":
         return TrainConfig(model="teacher", affine="vtn", channels=fv.channels, **common)
-    aldk = kind == "student_aldk"
+    aldk, distill = kind == "student_aldk", kind == "student_distill"
     return TrainConfig(model="student", affine="lite", student_stem=fv.student_stem, aldk=aldk,
-                       teacher=str(teacher) if aldk else None, gamma=0.9, **common)
+                       distill=DEFAULT_DISTILL if distill else "none",
+                       teacher=str(teacher) if aldk or distill else None, gamma=0.9, **common)
 
 
 def bench(fv, size: int, kinds, work: Path) -> list:
@@ -98,8 +102,8 @@ def bench(fv, size: int, kinds, work: Path) -> list:
     teacher_dir = work / f"teacher{size}"
     rows = []
     needed = list(kinds)
-    if "student_aldk" in needed and "teacher" not in needed:
-        needed.insert(0, "teacher")  # the ALDK student needs a teacher run to load (its speed is then shown too)
+    if {"student_aldk", "student_distill"} & set(needed) and "teacher" not in needed:
+        needed.insert(0, "teacher")  # these students need a teacher run to load (its speed is then shown too)
     for kind in needed:
         out = teacher_dir if kind == "teacher" else work / f"{kind}{size}"
         cfg = _config(fv, kind, size, data_dir, out, teacher_dir)
@@ -116,7 +120,7 @@ def bench(fv, size: int, kinds, work: Path) -> list:
                              out / "config.json")
             trainer.save()
         rows.append(row)
-        print(f"  {size}^3 {kind:13s} {row['parameters']:>11,} params: first step {row['first_step_s']:.1f} s, "
+        print(f"  {size}^3 {kind:15s} {row['parameters']:>11,} params: first step {row['first_step_s']:.1f} s, "
               f"median {row['median_step_s']:.3f} s/step = {row['steps_per_s']:.2f} steps/s", flush=True)
     return rows
 
