@@ -102,9 +102,13 @@ def _export(run_dir: Path, out: Path, reuse: bool) -> Path:
     from ldr_tf.training import checkpoints as runs
 
     prefix = runs.latest_checkpoint(run_dir)
-    if reuse and (out / savedmodel.METADATA).is_file():
-        meta = json.loads((out / savedmodel.METADATA).read_text())
-        if meta.get("checkpoint") == str(prefix):
+    meta_path = out / savedmodel.METADATA
+    if reuse and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        # A retrained run writes a checkpoint of the same name: the export is current only if written after it.
+        index = Path(f"{prefix}.index")
+        newer = index.is_file() and meta_path.stat().st_mtime >= index.stat().st_mtime
+        if meta.get("checkpoint") == str(prefix) and newer:
             print(f"reusing {out}")
             return out
     path = savedmodel.export_run(run_dir, out, overwrite=True)

@@ -35,3 +35,35 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert r.stdout.count("reusing") >= 6
     assert "3b. student with ALDK" not in r.stdout  # ALDK only with --aldk
     assert json.loads((out / "runs" / "student" / "config.json").read_text())["train"]["distill"] == "l2"
+
+
+def test_an_export_is_redone_when_its_run_was_trained_again(tmp_path, monkeypatch):
+    """A retrained run writes a checkpoint of the same name: the demo must not reuse the export of the old one."""
+    from ldr_tf import demo
+    from ldr_tf.deploy import savedmodel
+    from ldr_tf.training import checkpoints
+
+    prefix = tmp_path / "run" / "checkpoints" / "ckpt-2"
+    prefix.parent.mkdir(parents=True)
+    index = Path(f"{prefix}.index")
+    index.write_text("x")
+    monkeypatch.setattr(checkpoints, "latest_checkpoint", lambda run_dir, step=None: str(prefix))
+    exported = []
+
+    def fake_export(run_dir, out, overwrite=False):
+        out.mkdir(exist_ok=True)
+        (out / savedmodel.METADATA).write_text(json.dumps({"checkpoint": str(prefix)}))
+        exported.append(out)
+        return out
+
+    monkeypatch.setattr(savedmodel, "export_run", fake_export)
+    out = tmp_path / "model"
+    demo._export(tmp_path / "run", out, reuse=True)
+    demo._export(tmp_path / "run", out, reuse=True)
+    assert len(exported) == 1  # the second call reuses it
+    later = (out / savedmodel.METADATA).stat().st_mtime + 10
+    os.utime(index, (later, later))  # the run was trained again after the export
+    demo._export(tmp_path / "run", out, reuse=True)
+    assert len(exported) == 2
+    demo._export(tmp_path / "run", out, reuse=False)
+    assert len(exported) == 3
