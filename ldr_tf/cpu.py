@@ -35,13 +35,16 @@ def cpu_flags() -> set:
     return set()
 
 
+# ISA levels from lowest to highest, each with the CPU flag (and the cap-value prefixes) that mean it.
+ISA_LEVELS = (("unknown", None, ()), ("sse", "sse4_2", ("sse",)), ("avx", "avx", ("avx",)),
+              ("avx2", "avx2", ("avx2",)), ("avx512", "avx512f", ("avx512", "avx10", "amx")))
+_RANK = {name: i for i, (name, _, _) in enumerate(ISA_LEVELS)}
+
+
 def isa_level(flags: set | None = None) -> str:
     """``avx512``, ``avx2``, ``avx``, ``sse`` or ``unknown`` (no flags readable)."""
     flags = cpu_flags() if flags is None else flags
-    for name, needed in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"), ("sse", "sse4_2")):
-        if needed in flags:
-            return name
-    return "unknown"
+    return next((name for name, needed, _ in reversed(ISA_LEVELS) if needed in flags), "unknown")
 
 
 def has_native_bfloat16(flags: set | None = None) -> bool:
@@ -60,21 +63,16 @@ def isa_cap(env=None) -> str | None:
     """
     env = os.environ if env is None else env
     values = [env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or ""]
-    for part in (env.get("XLA_FLAGS") or "").split():
-        if part.startswith("--xla_cpu_max_isa="):
-            values.append(part.split("=", 1)[1])
-    levels = []
-    for v in (x.strip().lower() for x in values if x.strip()):
-        if v.startswith("avx512") or v.startswith("avx10") or v.startswith("amx"):
-            levels.append("avx512")
-        elif v.startswith("avx2"):
-            levels.append("avx2")
-        elif v.startswith("avx"):
-            levels.append("avx")
-        elif v.startswith("sse"):
-            levels.append("sse")
-    order = ["sse", "avx", "avx2", "avx512"]
-    return min(levels, key=order.index) if levels else None
+    values += [part.split("=", 1)[1] for part in (env.get("XLA_FLAGS") or "").split()
+               if part.startswith("--xla_cpu_max_isa=")]
+    levels = [lv for lv in (_cap_level(v.strip().lower()) for v in values) if lv]
+    return min(levels, key=_RANK.get) if levels else None
+
+
+def _cap_level(value: str) -> str | None:
+    """The ISA level a cap value names (its longest matching prefix: avx2 before avx), or None."""
+    matches = [(len(p), name) for name, _, prefixes in ISA_LEVELS for p in prefixes if value.startswith(p)]
+    return max(matches)[1] if matches else None
 
 
 def loadavg() -> list | None:
@@ -95,8 +93,7 @@ def machine_info() -> dict:
     except AttributeError:  # not Linux
         affinity = os.cpu_count()
     isa, cap = isa_level(flags), isa_cap()
-    order = ["unknown", "sse", "avx", "avx2", "avx512"]
-    capped = cap is not None and order.index(cap) < order.index(isa)
+    capped = cap is not None and _RANK[cap] < _RANK[isa]
     return {
         "cpu_model": model,
         "cpu_count": os.cpu_count(),
