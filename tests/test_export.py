@@ -63,14 +63,18 @@ def noxla_export(student, tmp_path_factory):
     return out
 
 
-def _xla_functions(export_dir) -> list:
-    """Names of the graph functions marked _XlaMustCompile=True in a SavedModel."""
+def _library(export_dir):
+    """The graph function library of a SavedModel."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
     sm.ParseFromString((Path(export_dir) / "saved_model.pb").read_bytes())
-    lib = sm.meta_graphs[0].graph_def.library
-    return [f.signature.name for f in lib.function if f.attr["_XlaMustCompile"].b]
+    return sm.meta_graphs[0].graph_def.library
+
+
+def _xla_functions(export_dir) -> list:
+    """Names of the graph functions marked _XlaMustCompile=True in a SavedModel."""
+    return [f.signature.name for f in _library(export_dir).function if f.attr["_XlaMustCompile"].b]
 
 
 def test_flows_are_not_trivial(student):
@@ -220,3 +224,15 @@ def test_every_weight_is_stored_once(student):
                                                                                    "variables"))
                  if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"))
     assert stored == savedmodel.load_metadata(student["export"])["parameters"]
+
+
+def test_the_network_graph_is_stored_once(student):
+    """register_labels calls the register function: the network is traced once (not inline in both endpoints), so a
+    SavedModel load rebuilds one copy of it (predict never calls register_labels)."""
+    names = [f.signature.name for f in _library(student["export"]).function]
+    register = [n for n in names if n.startswith("__inference_register_") and "labels" not in n]
+    assert len(register) == 1, names
+    labels = next(f for f in _library(student["export"]).function
+                  if f.signature.name.startswith("__inference_register_labels_"))
+    calls = [n for n in labels.node_def if n.op in ("StatefulPartitionedCall", "PartitionedCall")]
+    assert any(n.attr["f"].func.name == register[0] for n in calls)

@@ -74,7 +74,7 @@ def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool 
                 "warped": tf.ensure_shape(res["warped"], [None, *size, 1])}
 
     def register_labels(fixed, moving, moving_labels):
-        res = register(fixed, moving)
+        res = register_fn(fixed, moving)
         res["warped_labels"] = tf.ensure_shape(warp.warp_labels(moving_labels, res["flow"]), [None, *size, 1])
         return res
 
@@ -87,7 +87,9 @@ def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool 
         # No archive.track(model): the endpoints capture the model's tf.Variables themselves, and tracking the
         # Keras wrappers as well stores every weight twice (keras-team/keras#23553: 2x the files, 2x the variable
         # memory of every process that loads the export, TF Serving included).
-        archive.add_endpoint("register", register, input_signature=[fixed, moving])
+        # register_labels calls the register endpoint's tf.function (traced once, in the save context), so the network's
+        # graph is stored once; traced inline in both, the SavedModel held it twice and every load rebuilt both copies.
+        register_fn = archive.add_endpoint("register", register, input_signature=[fixed, moving])
         archive.add_endpoint("register_labels", register_labels, input_signature=[fixed, moving, labels])
         archive.write_out(str(tmp), verbose=False)
         meta = {
