@@ -23,6 +23,10 @@ Example::
 
     python -m ldr_tf.export --checkpoint=runs/student --out=exports/student            # XLA sampler
     python -m ldr_tf.export --checkpoint=runs/student --out=exports/student-noxla --noxla_warp
+    python -m ldr_tf.export --saved_model=exports/old --out=exports/new   # an export again, in the current format
+
+``--saved_model`` re-exports an existing export (its weights matched by variable path onto the network its metadata
+describes): the current format, or other ``--xla_warp`` / ``--bfloat16`` choices, without the training run.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from absl import flags, logging
 
 from flags import common_flags
 from ldr_tf import cli
-from ldr_tf.deploy.savedmodel import SIGNATURES, export_run, load_metadata
+from ldr_tf.deploy.savedmodel import SIGNATURES, export_run, load_metadata, reexport
 
 FLAGS = flags.FLAGS
 
@@ -43,6 +47,8 @@ def define_flags() -> None:
         return
     common_flags.define_runtime_flags()
     flags.DEFINE_string("checkpoint", None, "Training run directory (its latest checkpoint is exported).")
+    flags.DEFINE_string("saved_model", None, "Instead of --checkpoint: an existing export, written again in the "
+                                             "current format (weights and metadata kept).")
     flags.DEFINE_integer("step", None, "Export this step's checkpoint instead of the latest.")
     flags.DEFINE_string("out", None, "Output SavedModel directory (must not exist unless --overwrite).")
     flags.DEFINE_bool("overwrite", False, "Replace an existing export at --out (only after the new one is complete).")
@@ -53,8 +59,11 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.checkpoint or not FLAGS.out:
-        raise cli.UsageError("--checkpoint (a training run directory) and --out are required")
+    if bool(FLAGS.checkpoint) == bool(FLAGS.saved_model) or not FLAGS.out:
+        raise cli.UsageError("--out and one of --checkpoint (a training run directory) or --saved_model (an export) "
+                             "are required")
+    if FLAGS.saved_model and FLAGS.step is not None:
+        raise cli.UsageError("--step chooses a checkpoint of --checkpoint; an export has one step")
     common_flags.apply_runtime_flags(FLAGS)
     if FLAGS.bfloat16:
         from ldr_tf import cpu
@@ -63,8 +72,11 @@ def main(argv):
             print(f"ldr_tf.export: warning: {cpu.bfloat16_advice()}. The export is written as asked (it may run on "
                   "another machine); predict warns when it loads it on a CPU like this one.", file=sys.stderr,
                   flush=True)
-    out = export_run(FLAGS.checkpoint, FLAGS.out, FLAGS.step, FLAGS.overwrite, xla_warp=FLAGS.xla_warp,
-                     bfloat16=FLAGS.bfloat16)
+    if FLAGS.saved_model:
+        out = reexport(FLAGS.saved_model, FLAGS.out, FLAGS.overwrite, xla_warp=FLAGS.xla_warp, bfloat16=FLAGS.bfloat16)
+    else:
+        out = export_run(FLAGS.checkpoint, FLAGS.out, FLAGS.step, FLAGS.overwrite, xla_warp=FLAGS.xla_warp,
+                         bfloat16=FLAGS.bfloat16)
     meta = load_metadata(out)
     logging.info("exported %s", out)
     xla = "on (TF Serving: --xla_cpu_compilation_enabled=true)" if meta["xla_warp"] else "off"

@@ -236,3 +236,39 @@ def test_the_network_graph_is_stored_once(student):
                   if f.signature.name.startswith("__inference_register_labels_"))
     calls = [n for n in labels.node_def if n.op in ("StatefulPartitionedCall", "PartitionedCall")]
     assert any(n.attr["f"].func.name == register[0] for n in calls)
+
+
+def test_reexport_keeps_weights_and_metadata(student, tmp_path):
+    """An existing export written again (ldr_tf.export --saved_model): same outputs, metadata kept, the source
+    recorded; the CLI refuses --step with it."""
+    out = savedmodel.reexport(student["export"], tmp_path / "again", xla_warp=False)
+    old, new = savedmodel.load_metadata(student["export"]), savedmodel.load_metadata(out)
+    assert new["reexported_from"]["path"] == str(student["export"]) and new["xla_warp"] is False
+    for k in ("model", "parameters", "trained_steps", "checkpoint", "preprocessing", "network"):
+        assert new[k] == old[k], k
+    fixed, moving, labels = _inputs()
+    m = tf.saved_model.load(str(out))
+    got = m.signatures["register_labels"](fixed=tf.constant(fixed), moving=tf.constant(moving),
+                                          moving_labels=tf.constant(labels))
+    for k in ("flow", "warped"):
+        np.testing.assert_allclose(got[k].numpy(), student["ref"][k], atol=1e-5, rtol=0, err_msg=k)
+    with pytest.raises(ValueError, match="already exists"):
+        savedmodel.reexport(student["export"], out)
+    with pytest.raises(ValueError, match="is the export being read"):
+        savedmodel.reexport(out, out, overwrite=True)
+    r = subprocess.run([sys.executable, "-m", "ldr_tf.export", f"--saved_model={out}", f"--out={tmp_path / 'x'}",
+                        "--step=3"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--step" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_reexport_refuses_an_export_that_does_not_match_its_metadata(student, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(student["export"], bad)
+    meta = savedmodel.load_metadata(bad)
+    meta["network"]["cascades"] = meta["network"]["cascades"] + 1
+    (bad / savedmodel.METADATA).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"bad: the export does not match its network description: \d+ missing"):
+        savedmodel.reexport(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -109,6 +109,12 @@ def test_ship_a_run_as_a_pretrained_model(tmp_path, monkeypatch):
     ship_pretrained.ship(str(run), "brain", {**card, "summary": "v2"})  # replaces the first version
     assert pretrained.card("brain")["summary"] == "v2"
     assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == ["brain-student"]
+    # an export (here the shipped model itself) is written again in the current format, keeping its card
+    again = ship_pretrained.ship(str(dest), "brain", {})
+    meta = json.loads((again / "ldr_tf_export.json").read_text())
+    assert meta["card"]["summary"] == "v2" and "reexported_from" not in meta and meta["checkpoint"] == "ckpt-1"
+    with pytest.raises(ValueError, match="--step chooses a checkpoint"):
+        ship_pretrained.ship(str(dest), "brain", {}, step=1)
     monkeypatch.setattr(ship_pretrained, "LIMIT_MB", 0.01)
     with pytest.raises(ValueError, match=r"would take .* MB \(limit 0 MB\)"):
         ship_pretrained.ship(str(run), "brain", card)

@@ -1,6 +1,11 @@
 """Put a trained run into the package as a pretrained model (`ldr_tf.pretrained`).
 
     python -m tools.ship_pretrained --run=brain_out/runs/half_seg --name=brain --card=card.json
+    python -m tools.ship_pretrained --run=ldr_tf/pretrained/brain-student --name=brain   # re-ship an export
+
+`--run` may also be an export (a SavedModel folder of ``ldr_tf.export``, a shipped model included): it is written
+again in the current export format (``ldr_tf.export --saved_model``), keeping its weights and its card unless
+``--card`` gives a new one.
 
 Exports the run's latest checkpoint (or ``--step``) with ``ldr_tf.export``, removes this machine's paths from the
 metadata (the checkpoint and dataset paths become file names), adds the model card read from ``--card`` (a JSON
@@ -35,15 +40,22 @@ def ship(run: str, name: str, card: dict, step: int | None = None) -> Path:
         raise ValueError(f"--name: expected one of {', '.join(pretrained.MODELS)}, got {name!r}")
     dest = pretrained.folder(name)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
-        out = savedmodel.export_run(run, Path(tmp) / "model", step=step)
+        if (Path(run) / "saved_model.pb").is_file():
+            if step is not None:
+                raise ValueError(f"{run}: --step chooses a checkpoint of a run; an export has one step")
+            out = savedmodel.reexport(run, Path(tmp) / "model")
+        else:
+            out = savedmodel.export_run(run, Path(tmp) / "model", step=step)
         meta = savedmodel.load_metadata(out)
+        meta.pop("reexported_from", None)  # this machine's path; the card says where the model comes from
         meta["checkpoint"] = Path(meta["checkpoint"]).name
         data = meta.get("training_data")
         if isinstance(data, str):
             meta["training_data"] = Path(data).name
         elif isinstance(data, dict) and isinstance(data.get("path"), str):
             meta["training_data"] = {**data, "path": Path(data["path"]).name}
-        meta["card"] = card
+        if card or "card" not in meta:
+            meta["card"] = card
         write_json(meta, out / savedmodel.METADATA)
         others = sum(folder_mb(p) for n, p in pretrained.installed().items() if n != name)
         total = others + folder_mb(out)
@@ -75,7 +87,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("run", None, "Training run directory.")
+    flags.DEFINE_string("run", None, "Training run directory, or an export to write again in the current format.")
     flags.DEFINE_string("name", None, "Pretrained name (ldr_tf.pretrained.MODELS).")
     flags.DEFINE_string("card", None, "Model card JSON file.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

@@ -156,6 +156,76 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
     return export_model(model, out, metadata, overwrite=overwrite, xla_warp=xla_warp)
 
 
+def model_from_export(export_dir: str | os.PathLike, overrides: dict | None = None):
+    """Rebuilds the network of one of our exports and copies its weights in. Returns ``(model, metadata)``.
+
+    The network comes from the export's metadata (``network``); each weight is taken from the SavedModel's variable of
+    the same path (the variable names survive the export). ValueError naming the export when it is not ours, when a
+    weight is missing or of another shape, or when the SavedModel holds variables the network does not have.
+    `overrides` as in `export_run` (``compute_dtype``).
+    """
+    import tensorflow as tf
+
+    from ldr_tf.training.checkpoints import build_network
+
+    export_dir = Path(export_dir)
+    meta = load_metadata(export_dir)
+    if not isinstance(meta.get("network"), dict):
+        raise ValueError(f"{export_dir}: {METADATA} has no network description (exported by ldr-tf before 0.2?)")
+    try:
+        loaded = tf.saved_model.load(str(export_dir))
+    except Exception as e:  # noqa: BLE001 (TF raises many types for corrupt models)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{export_dir}: cannot load the SavedModel ({type(e).__name__}: {first})") from None
+    if "register" not in loaded.signatures:
+        raise ValueError(f"{export_dir}: SavedModel lacks the register signature")
+    def key(path: str) -> str:  # the path below the model's own name (Keras numbers models: recursive_cascade_3)
+        return path.rsplit(":", 1)[0].split("/", 1)[-1]
+
+    stored = {}
+    for sig in loaded.signatures.values():
+        for v in sig.variables:
+            stored[key(v.name)] = v
+    model = build_network({**meta["network"], **(overrides or {})})
+    weights = {key(w.path): w for w in model.weights}
+    if len(weights) != len(model.weights):
+        raise ValueError(f"{export_dir}: the network has weights of the same path; cannot match them by name")
+    missing = [k for k in weights if k not in stored]
+    wrong = [f"{k} {tuple(w.shape)} vs {tuple(stored[k].shape)}" for k, w in weights.items()
+             if k in stored and tuple(w.shape) != tuple(stored[k].shape)]
+    extra = sorted(set(stored) - set(weights))
+    for what, names in (("missing weights", missing), ("weights of another shape", wrong),
+                        ("variables the network does not have", extra)):
+        if names:
+            raise ValueError(f"{export_dir}: the export does not match its network description: {len(names)} "
+                             f"{what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    for k, w in weights.items():
+        w.assign(stored[k].numpy())
+    return model, meta
+
+
+def reexport(export_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+             xla_warp: bool | None = None, bfloat16: bool = False) -> Path:
+    """Writes an existing export again in the current format (or with other `xla_warp` / `bfloat16` choices).
+
+    The weights and the metadata (model, training, preprocessing, model card) are kept; ``reexported_from`` records
+    the source's path, export time and ldr-tf version. `out` may not be `export_dir` itself.
+    """
+    src, out = Path(export_dir), Path(out)
+    if out.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"{out}: --out is the export being read; write to another folder")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists (add --overwrite to replace it)")
+    overrides = {"compute_dtype": "bfloat16" if bfloat16 else "float32"}
+    model, meta = model_from_export(src, overrides)
+    keep = {k: v for k, v in meta.items() if k not in ("ldr_tf_version", "image_size", "xla_warp", "serving", "input",
+                                                      "flow", "exported", "signatures")}
+    keep["network"] = {**meta["network"], **overrides}
+    keep["reexported_from"] = {"path": str(src), "exported": meta.get("exported"),
+                               "ldr_tf_version": meta.get("ldr_tf_version")}
+    return export_model(model, out, keep, overwrite=overwrite, xla_warp=xla_warp)
+
+
 def load_metadata(model_dir: str | os.PathLike) -> dict:
     """Reads ``ldr_tf_export.json`` of an export; ValueError naming the directory if it is not one of ours."""
     import json
