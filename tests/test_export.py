@@ -272,3 +272,10 @@ def test_reexport_refuses_an_export_that_does_not_match_its_metadata(student, tm
     with pytest.raises(ValueError, match=r"bad: the export does not match its network description: \d+ missing"):
         savedmodel.reexport(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    (bad / "saved_model.pb").write_bytes(b"not a protobuf")
+    from ldr_tf.deploy.loader import open_registrar
+
+    for load in (lambda: savedmodel.reexport(bad, tmp_path / "out"), lambda: open_registrar(bad)):
+        with pytest.raises(ValueError, match=r"bad: cannot load the SavedModel \("):
+            load()
+    assert not (tmp_path / "out").exists()

@@ -115,13 +115,9 @@ def _signature_grid(signature) -> tuple | None:
 
 
 def _saved_model(path: Path) -> Registrar:
-    from ldr_tf.deploy.savedmodel import METADATA, load_metadata
+    from ldr_tf.deploy.savedmodel import METADATA, load_metadata, load_saved_model
 
-    try:
-        loaded = tf.saved_model.load(str(path))
-    except Exception as e:  # noqa: BLE001 (TF raises many types for corrupt models)
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: cannot load the SavedModel ({type(e).__name__}: {first})") from None
+    loaded = load_saved_model(path)
     missing = [s for s in ("register", "register_labels") if s not in loaded.signatures]
     if missing:
         raise ValueError(f"{path}: SavedModel lacks the signature(s) {', '.join(missing)} (it has "

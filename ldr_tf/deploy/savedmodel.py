@@ -164,21 +164,16 @@ def model_from_export(export_dir: str | os.PathLike, overrides: dict | None = No
     weight is missing or of another shape, or when the SavedModel holds variables the network does not have.
     `overrides` as in `export_run` (``compute_dtype``).
     """
-    import tensorflow as tf
-
     from ldr_tf.training.checkpoints import build_network
 
     export_dir = Path(export_dir)
     meta = load_metadata(export_dir)
     if not isinstance(meta.get("network"), dict):
-        raise ValueError(f"{export_dir}: {METADATA} has no network description (exported by ldr-tf before 0.2?)")
-    try:
-        loaded = tf.saved_model.load(str(export_dir))
-    except Exception as e:  # noqa: BLE001 (TF raises many types for corrupt models)
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{export_dir}: cannot load the SavedModel ({type(e).__name__}: {first})") from None
+        raise ValueError(f"{export_dir}: {METADATA} has no network description (not written by ldr_tf.export?)")
+    loaded = load_saved_model(export_dir)
     if "register" not in loaded.signatures:
         raise ValueError(f"{export_dir}: SavedModel lacks the register signature")
+
     def key(path: str) -> str:  # the path below the model's own name (Keras numbers models: recursive_cascade_3)
         return path.rsplit(":", 1)[0].split("/", 1)[-1]
 
@@ -224,6 +219,17 @@ def reexport(export_dir: str | os.PathLike, out: str | os.PathLike, overwrite: b
     keep["reexported_from"] = {"path": str(src), "exported": meta.get("exported"),
                                "ldr_tf_version": meta.get("ldr_tf_version")}
     return export_model(model, out, keep, overwrite=overwrite, xla_warp=xla_warp)
+
+
+def load_saved_model(path: str | os.PathLike):
+    """``tf.saved_model.load`` with a one-line ValueError naming `path` when it cannot be loaded."""
+    import tensorflow as tf
+
+    try:
+        return tf.saved_model.load(str(path))
+    except Exception as e:  # noqa: BLE001 (TF raises many types for corrupt models)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: cannot load the SavedModel ({type(e).__name__}: {first})") from None
 
 
 def load_metadata(model_dir: str | os.PathLike) -> dict:
