@@ -270,21 +270,25 @@ class RecursiveCascade(keras.Model):
         batch = tf.shape(pair)[0]
         flows = []
         agg = warped = None
+        half = self.config.stem in HALF_RESOLUTION_STEMS
         if self.affine_stem is not None:
-            out, warped = self._affine(pair, training)
+            if half:  # the moving image is warped on the half grid below: no full-resolution warp here
+                out, warped = self.affine_stem(pair, training=training), None
+            else:
+                out, warped = self._affine(pair, training)
             affine_flow, A, b = out["flow"], out["A"], out["b"]
             agg = affine_flow
             flows.append(affine_flow)
         else:
             A = tf.eye(3, batch_shape=[batch], dtype=pair.dtype)
             b = tf.zeros([batch, 3], pair.dtype)
-        half = self.config.stem in HALF_RESOLUTION_STEMS
         if half:
             full_affine = agg
             fixed, moving = _pool2(fixed), _pool2(moving)
             pair = tf.concat([fixed, moving], axis=-1)
             if agg is not None:  # the affine field on the half grid: centred coordinates halve, A stays
-                affine_flow = warp.affine_to_flow(A, b / 2.0, tf.shape(fixed)[1:4])
+                grid = fixed.shape[1:4] if fixed.shape[1:4].is_fully_defined() else tf.shape(fixed)[1:4]
+                affine_flow = warp.affine_to_flow(A, b / 2.0, grid)
                 agg = affine_flow
                 warped = warp.warp(moving, agg)
         dense_flows = []

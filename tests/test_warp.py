@@ -100,7 +100,8 @@ def test_compose_equals_warping_twice(rng):
     assert naive.mean() > 3 * err.mean()  # adding the fields instead of composing them is wrong
 
 
-def test_affine_flow_reproduces_rotation_and_translation():
+def test_affine_flow_reproduces_rotation_and_translation(sampler):
+    """Both paths (XLA-fused for a static grid, plain broadcasts otherwise) against the coordinates."""
     shape = (9, 11, 13)
     th = np.deg2rad(20)
     A = np.array([[1, 0, 0], [0, np.cos(th), -np.sin(th)], [0, np.sin(th), np.cos(th)]])
@@ -113,6 +114,20 @@ def test_affine_flow_reproduces_rotation_and_translation():
     # identity matrix and zero translation give a zero field
     zero = W.affine_to_flow(np.eye(3, dtype=np.float32)[None], np.zeros((1, 3), np.float32), shape)
     assert np.abs(zero.numpy()).max() == 0
+    # a grid size known only when the graph runs, and the gradient with respect to A and b
+    dynamic = tf.function(lambda A, b, n: W.affine_to_flow(A, b, n),
+                          input_signature=[tf.TensorSpec([None, 3, 3]), tf.TensorSpec([None, 3]),
+                                           tf.TensorSpec([3], tf.int32)])
+    got = dynamic(A[None].astype(np.float32), b[None].astype(np.float32), tf.constant(shape)).numpy()[0]
+    np.testing.assert_allclose(got, flow, atol=1e-5)
+    At, bt = tf.Variable(A[None].astype(np.float32)), tf.Variable(b[None].astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(W.affine_to_flow(At, bt, shape) ** 2)
+    gA, gb = tape.gradient(loss, [At, bt])
+    xc = (x - centre).reshape(-1, 3)
+    u = flow.reshape(-1, 3)
+    np.testing.assert_allclose(gA.numpy()[0], 2 * u.T @ xc, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(gb.numpy()[0], 2 * u.sum(0), rtol=1e-4, atol=1e-2)
 
 
 def test_compose_affine_is_exact_generic_compose(rng):
