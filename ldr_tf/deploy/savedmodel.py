@@ -213,11 +213,10 @@ def reexport(export_dir: str | os.PathLike, out: str | os.PathLike, overwrite: b
         raise ValueError(f"{out} already exists (add --overwrite to replace it)")
     overrides = {"compute_dtype": "bfloat16" if bfloat16 else "float32"}
     model, meta = model_from_export(src, overrides)
-    keep = {k: v for k, v in meta.items() if k not in ("ldr_tf_version", "image_size", "xla_warp", "serving", "input",
-                                                      "flow", "exported", "signatures")}
-    keep["network"] = {**meta["network"], **overrides}
-    keep["reexported_from"] = {"path": str(src), "exported": meta.get("exported"),
-                               "ldr_tf_version": meta.get("ldr_tf_version")}
+    # export_model rewrites the format's own keys (version, grid, xla_warp, signatures, time) over these
+    keep = {**meta, "network": {**meta["network"], **overrides},
+            "reexported_from": {"path": str(src), "exported": meta.get("exported"),
+                                "ldr_tf_version": meta.get("ldr_tf_version")}}
     return export_model(model, out, keep, overwrite=overwrite, xla_warp=xla_warp)
 
 
