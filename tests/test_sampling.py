@@ -156,3 +156,16 @@ def test_preprocessing_engines_agree(rng):
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, e  # uint8 rounding of float32 round-off at most
     with pytest.raises(ValueError, match="engine: expected one of xla, eager, scipy"):
         preprocess.apply(spec, img, engine="numpy")
+
+
+def test_compiled_helpers_are_traced_without_autograph():
+    """AutoGraph's source conversion cost ~0.8 s of a one-pair predict (tracing the pull-back beside the model load);
+    these functions have only Python control flow, so every XLA helper is traced with ``autograph=False``."""
+    import tensorflow as tf
+
+    helpers = [sampling._affine_slab, sampling._pull_slab, sampling._points_slab, warp._sample_linear_xla,
+               warp._sample_labels_xla, warp._affine_field_xla, warp._upsample2_xla]
+    assert [getattr(f, "_autograph", None) for f in helpers] == [False] * len(helpers)
+    found = [name for mod in (sampling, warp) for name, v in vars(mod).items()
+             if isinstance(v, tf.types.experimental.PolymorphicFunction)]
+    assert len(found) == len(helpers), found

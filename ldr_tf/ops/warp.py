@@ -180,8 +180,8 @@ def _sample_labels(labels, coords, method):
     return best_label
 
 
-_sample_linear_xla = tf.function(_sample_linear, jit_compile=True, reduce_retracing=True)
-_sample_labels_xla = tf.function(_sample_labels, jit_compile=True, reduce_retracing=True)
+_sample_linear_xla = tf.function(_sample_linear, jit_compile=True, reduce_retracing=True, autograph=False)
+_sample_labels_xla = tf.function(_sample_labels, jit_compile=True, reduce_retracing=True, autograph=False)
 
 
 def _linear(image, coords):
@@ -339,7 +339,7 @@ def _affine_field(A, b, shape) -> tf.Tensor:
     return (d_term[:, :, None, None, :] + h_term[:, None, :, None, :]) + (w_term + b[:, None, :])[:, None, None, :, :]
 
 
-_affine_field_xla = tf.function(_affine_field, jit_compile=True, reduce_retracing=True)
+_affine_field_xla = tf.function(_affine_field, jit_compile=True, reduce_retracing=True, autograph=False)
 
 
 def dense_residual(flow) -> tf.Tensor:
@@ -423,7 +423,7 @@ def _upsample2(flow):
     return flow * 2.0
 
 
-_upsample2_xla = tf.function(_upsample2, jit_compile=True, reduce_retracing=True)
+_upsample2_xla = tf.function(_upsample2, jit_compile=True, reduce_retracing=True, autograph=False)
 
 
 def upsample_flow(flow, factor: int = 2) -> tf.Tensor:
