@@ -408,13 +408,16 @@ def _upsample2_axis(x, axis: int):
 
     Fine voxel 2i sits at coarse position i - 1/4 and 2i+1 at i + 1/4, so they are 3/4 c[i] + 1/4 c[i-1] and
     3/4 c[i] + 1/4 c[i+1] (c[-1] = c[0], c[n] = c[n-1]): exactly what the border-clamped trilinear sampler gives.
+    The neighbours are slices, not gathers: XLA compiles it in 0.17 s instead of 0.24 s and runs it faster.
     """
-    n = tf.shape(x)[axis]
-    prev = tf.concat([tf.gather(x, [0], axis=axis), tf.gather(x, tf.range(n - 1), axis=axis)], axis=axis)
-    nxt = tf.concat([tf.gather(x, tf.range(1, n), axis=axis), tf.gather(x, [n - 1], axis=axis)], axis=axis)
+    def part(start, stop):
+        return x[(slice(None),) * axis + (slice(start, stop),)]
+
+    prev = tf.concat([part(0, 1), part(0, -1)], axis=axis)
+    nxt = tf.concat([part(1, None), part(-1, None)], axis=axis)
     pair = tf.stack([0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt], axis=axis + 1)  # [..., n, 2, ...]
     shape = tf.shape(x)
-    return tf.reshape(pair, tf.concat([shape[:axis], [2 * n], shape[axis + 1:]], 0))
+    return tf.reshape(pair, tf.concat([shape[:axis], [2 * shape[axis]], shape[axis + 1:]], 0))
 
 
 def _upsample2(flow):
@@ -423,6 +426,7 @@ def _upsample2(flow):
     return flow * 2.0
 
 
+_XLA_UPSAMPLE_MIN_VOXELS = 64 ** 3  # coarse voxels: 64^3 -> 128^3 compiled, 32^3 -> 64^3 not
 _upsample2_xla = tf.function(_upsample2, jit_compile=True, reduce_retracing=True, autograph=False)
 
 
@@ -441,7 +445,12 @@ def upsample_flow(flow, factor: int = 2) -> tf.Tensor:
     if factor == 1:
         return flow
     if factor == 2:
-        out = _upsample2_xla(flow) if _XLA else _upsample2(flow)
+        # XLA only for large fields: each compiled shape costs ~0.15 s once (paid in the first call of every
+        # process), and a coarse field gains little (32^3 -> 64^3: 2.1 ms compiled, 4.9 ms not; 64^3 -> 128^3:
+        # 11 ms against 25 ms).
+        spatial = flow.shape[1:4]
+        small = spatial.is_fully_defined() and spatial.num_elements() < _XLA_UPSAMPLE_MIN_VOXELS
+        out = _upsample2_xla(flow) if _XLA and not small else _upsample2(flow)
         s = flow.shape
         out.set_shape([s[0]] + [None if d is None else 2 * d for d in s[1:4]] + [3])
         return out
