@@ -83,6 +83,8 @@ def test_pull_back_matches_the_float64_formulas(rng):
     ref = warp.warp_labels(labels[None], None, coords=q[None].astype(np.float32)).numpy()[0]
     agree = got["warped_labels"][~outside] == ref[~outside]
     assert agree.mean() > 0.99  # float32 vs float64 positions may flip exact ties
+    # NIfTI's own layout (Fortran order): written without a transposition
+    assert all(v.flags.f_contiguous and v.shape[:3] == fixed.source_shape for v in got.values())
     # the same geometry when moving is None
     same = sampling.pull_back(fixed, None, flow)
     assert set(same) == {"vox"} and same["vox"].shape == fixed.source_shape + (3,)

@@ -219,7 +219,7 @@ def save(array, affine, path, dtype=None, intent: str | None = None) -> Path:
     if array.dtype == bool:
         array = array.astype(np.uint8)
     if dtype is not None:
-        array = array.astype(dtype)
+        array = array.astype(dtype, copy=False)
     affine = np.asarray(affine, np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine: expected a 4x4 matrix, got shape {affine.shape}")
