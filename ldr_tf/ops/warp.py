@@ -108,7 +108,8 @@ def _check_image_flow(image, flow, image_name="image") -> None:
 def _corner_indices_and_weights(coords, sizes):
     """Trilinear corners for positions `coords` [B, d, h, w, 3] in a volume of spatial `sizes` [3].
 
-    Returns (flat indices of the 8 corners into a [B*D*H*W] array, their 8 weights), each [8, B, d, h, w].
+    Returns (flat indices of the 8 corners into a [B*D*H*W] array, their 8 weights): two lists of 8 [B, d, h, w]
+    tensors (lists, not stacked tensors: no [8, ...] copy, and a smaller graph than indexing a stack 8 times).
     Positions are clamped into [0, N-1] first (border replication).
     """
     sizes_f = tf.cast(sizes, coords.dtype)
@@ -134,7 +135,7 @@ def _corner_indices_and_weights(coords, sizes):
             for k in (0, 1):
                 indices.append(zy + x[k])
                 weights.append(wzy * fx[k])
-    return tf.stack(indices), tf.stack(weights)
+    return indices, weights
 
 
 def _sample_linear(image, coords):
@@ -167,10 +168,12 @@ def _sample_labels(labels, coords, method):
     # building a one-hot tensor (148 labels at 128^3 would need 1.2 GB). Elementwise only (no [8, 8, ...]
     # tensor, no int32 transpose, which oneDNN does not support): ties go to the lowest corner index.
     best_label, best_score = None, None
+    zero = tf.zeros_like(wts[0])
     for n in range(8):
-        score = tf.zeros_like(wts[0])
-        for m in range(8):
-            score += wts[m] if m == n else tf.where(tf.equal(corners[m], corners[n]), wts[m], tf.zeros_like(wts[m]))
+        terms = [wts[m] if m == n else tf.where(tf.equal(corners[m], corners[n]), wts[m], zero) for m in range(8)]
+        score = terms[0]
+        for t in terms[1:]:  # summed in corner order, as before (exactly: 0 + x == x)
+            score += t
         if n == 0:
             best_label, best_score = corners[0], score
         else:
