@@ -3,6 +3,7 @@ and ``ldr_tf_export.json`` (the command and the format are described in `ldr_tf.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -38,6 +39,32 @@ def _install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(backup)
     else:
         os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def _variables_in_name_order():
+    """Keras' ExportArchive stores the endpoints' variables in the order it finds them, which differs from one
+    export to the next: the same weights gave different variable files (and a new 20 MB blob for every re-export of
+    a shipped model). Inside this context they are sorted by name (unique within a model), so an export's bytes
+    depend only on its weights and graph. A no-op if Keras' private helper is not there."""
+    try:
+        from keras.src.export import saved_model_export_archive as archive_module
+    except ImportError:  # another Keras layout: keep its order
+        yield
+        return
+    found = getattr(archive_module, "_list_variables_used_by_fns", None)
+    if found is None:
+        yield
+        return
+
+    def in_name_order(fns):
+        return tuple(sorted(vs, key=lambda v: v.name) for vs in found(fns))
+
+    archive_module._list_variables_used_by_fns = in_name_order
+    try:
+        yield
+    finally:
+        archive_module._list_variables_used_by_fns = found
 
 
 def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool = False,
@@ -91,7 +118,8 @@ def export_model(model, out: str | os.PathLike, metadata: dict, overwrite: bool 
         # graph is stored once; traced inline in both, the SavedModel held it twice and every load rebuilt both copies.
         register_fn = archive.add_endpoint("register", register, input_signature=[fixed, moving])
         archive.add_endpoint("register_labels", register_labels, input_signature=[fixed, moving, labels])
-        archive.write_out(str(tmp), verbose=False)
+        with _variables_in_name_order():
+            archive.write_out(str(tmp), verbose=False)
         meta = {
             **metadata,
             "ldr_tf_version": __version__,
