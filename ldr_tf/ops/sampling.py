@@ -229,7 +229,8 @@ def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, la
         out["warped"] = np.empty(scalar, np.float32)
     if lab is not None:
         out["warped_labels"] = np.empty(scalar, np.int32)
-    args = (tf.constant(np.ascontiguousarray(u.transpose(2, 1, 0, 3))), f32(fixed.source_to_grid), f32(mov.grid_to_source), f32(fixed.source_affine),
+    flow_t = tf.constant(np.ascontiguousarray(u.transpose(2, 1, 0, 3)))  # [W, H, D, 3], as _pull_slab reads it
+    args = (flow_t, f32(fixed.source_to_grid), f32(mov.grid_to_source), f32(fixed.source_affine),
             f32(mov.source_affine))
     for start, rows, n in _last_axis_slabs((nx, ny, nz), max_voxels):
         res = _pull_slab(*args, tf.constant(start, tf.int32), rows, nx, ny, img, lab, mm, label_mode)
