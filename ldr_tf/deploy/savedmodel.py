@@ -50,8 +50,7 @@ def _variables_in_name_order():
     try:
         from keras.src.export import saved_model_export_archive as archive_module
     except ImportError:  # another Keras layout: keep its order
-        yield
-        return
+        archive_module = None
     found = getattr(archive_module, "_list_variables_used_by_fns", None)
     if found is None:
         yield

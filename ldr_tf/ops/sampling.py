@@ -121,12 +121,9 @@ def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_v
 
 def _last_axis_slab_positions(start, rows: int, nx: int, ny: int):
     """Voxel indices ``(i, j, k)`` ``[rows, ny, nx, 3]`` float32 of the slices ``k = start .. start + rows`` of an
-    output grid, in the memory order of its Fortran layout (``k`` slowest, ``i`` fastest)."""
-    k = tf.cast(tf.range(rows), tf.float32) + tf.cast(start, tf.float32)
-    j = tf.range(ny, dtype=tf.float32)
-    i = tf.range(nx, dtype=tf.float32)
-    kk, jj, ii = tf.meshgrid(k, j, i, indexing="ij")
-    return tf.stack([ii, jj, kk], -1)
+    output grid, in the memory order of its Fortran layout (``k`` slowest, ``i`` fastest): `_slab_positions` of the
+    transposed grid, components back in ``(i, j, k)`` order."""
+    return tf.reverse(_slab_positions(start, rows, ny, nx), [-1])
 
 
 def _fortran(x):
@@ -159,13 +156,6 @@ def _pull_slab(flow, to_grid, moving_to_source, fixed_affine, moving_affine, sta
     return {k: _fortran(v) for k, v in out.items()}
 
 
-def _last_axis_slabs(shape, max_voxels: int):
-    """`_slabs` along the last axis: ``(start, rows, n)`` slices of ``rows`` (the last slab computes ``rows`` and
-    keeps ``n``)."""
-    nx, ny, nz = (int(s) for s in shape)
-    yield from _slabs((nz, ny, nx), max_voxels)
-
-
 def compile_pull_back(fixed_shape, grid_shape, moving_shape, image: bool = True, labels: bool = False,
                       mm: bool = False, label_mode: str = "labels", max_voxels: int = CHUNK_VOXELS) -> None:
     """Compiles `pull_back` for these shapes (one slab on zeros), e.g. in a thread while a model loads.
@@ -174,7 +164,7 @@ def compile_pull_back(fixed_shape, grid_shape, moving_shape, image: bool = True,
     arguments of the compiled function, so this can run as soon as the NIfTI headers are read.
     """
     shape = tuple(int(s) for s in fixed_shape)
-    start, rows, _ = next(_last_axis_slabs(shape, max_voxels))
+    start, rows, _ = next(_slabs(shape[::-1], max_voxels))  # slabs along the last axis
     zeros = lambda s, dt: tf.zeros(s, dt)  # noqa: E731
     mov = tuple(int(s) for s in moving_shape)[::-1]  # transposed, as pull_back passes them
     img = zeros(mov + (1,), tf.float32) if image else None
@@ -232,14 +222,11 @@ def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, la
     flow_t = tf.constant(np.ascontiguousarray(u.transpose(2, 1, 0, 3)))  # [W, H, D, 3], as _pull_slab reads it
     args = (flow_t, f32(fixed.source_to_grid), f32(mov.grid_to_source), f32(fixed.source_affine),
             f32(mov.source_affine))
-    for start, rows, n in _last_axis_slabs((nx, ny, nz), max_voxels):
+    for start, rows, n in _slabs((nz, ny, nx), max_voxels):  # along the last axis
         res = _pull_slab(*args, tf.constant(start, tf.int32), rows, nx, ny, img, lab, mm, label_mode)
         for k, v in res.items():
-            if out[k].ndim == 4:
-                out[k][:, start:start + n] = v.numpy()[:, :n]
-            else:
-                out[k][start:start + n] = v.numpy()[:n]
-    return {k: v.transpose(3, 2, 1, 0) if v.ndim == 4 else v.transpose(2, 1, 0) for k, v in out.items()}
+            out[k][..., start:start + n, :, :] = v.numpy()[..., :n, :, :]
+    return {k: v.T for k, v in out.items()}
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
