@@ -11,7 +11,8 @@ Methods (``--method=name=spec``, repeatable, in order):
 * ``<run dir>:affine``: the affine first stage of a trained model alone;
 * ``<SavedModel dir>`` or ``<run dir>``: a learned model (teacher, student, ...): the scans are preprocessed as the
   dataset was (its ``preprocessing`` spec), registered on the grid, and the flow is mapped back
-  (`ldr_tf.data.preprocess.Geometry.flow_to_original`);
+  (`ldr_tf.data.preprocess.Geometry.flow_to_original`); ``<model>:refine=<steps>[,<steps>]``: the same with its
+  flow refined for each pair (`ldr_tf.refine`: steps at half, then full resolution; time counted in the model's);
 * ``ants:SyN`` (or any ANTsPy ``type_of_transform``, e.g. ``ants:Affine``): ANTs through ``antspyx``
   (``pip install .[peers]``), on the full native scans, labels resampled with ``genericLabel``; an optional third
   field sets the fraction of voxels the affine metric samples (``ants:Affine:1.0``; default 0.2, antspyx's): random
@@ -131,7 +132,14 @@ class Learned(Method):
 
     def __init__(self, name: str, spec: str, preprocessing):
         from ldr_tf.deploy.loader import open_registrar
+        from ldr_tf.refine import Refiner
 
+        spec, _, refine = spec.partition(":refine=")
+        try:
+            self.refiner = Refiner([int(n) for n in refine.split(",")]) if refine else None
+        except ValueError:
+            raise ValueError(f"method {name}: expected <model>[:refine=<steps>[,<steps>]], got refine={refine!r}") \
+                from None
         stage = "full"
         if spec.endswith(":affine"):
             spec, stage = spec[: -len(":affine")], "affine"
@@ -144,6 +152,8 @@ class Learned(Method):
         self.spec = Preprocessing.from_dict({**preprocessing.to_dict(), "grid_size": list(grid)})
         zeros = np.zeros((1, *grid, 1), np.float32)
         self.registrar(zeros, zeros)  # warm-up (tracing, XLA compilation) outside the timings
+        if self.refiner is not None:
+            self.refiner.compile(grid)
 
     def register(self, fixed, moving):
         from ldr_tf.deploy.native import model_input, prepare_pair
@@ -157,11 +167,14 @@ class Learned(Method):
                                         "fixed_seg": fixed.labels if crop else None,
                                         "moving_seg": moving.labels if crop else None}, before=False)
         t_model = time.perf_counter()
-        res = self.registrar(model_input(pair["fixed"]), model_input(pair["moving"]))
+        f_in, m_in = model_input(pair["fixed"]), model_input(pair["moving"])
+        flow = self.registrar(f_in, m_in)["flow"]
+        if self.refiner is not None:
+            flow = np.asarray(self.refiner(f_in, m_in, flow))
         model_s = time.perf_counter() - t_model
         # end to end: preprocessing + model + the flow and the warped labels on the native grid (ANTs' figure
         # leaves out its label resampling: this side is counted a little pessimistically)
-        native = pull_back(pair["fixed_geom"], pair["moving_geom"], res["flow"][0],
+        native = pull_back(pair["fixed_geom"], pair["moving_geom"], flow[0],
                            labels=np.asarray(moving.labels.dataobj))
         return {"labels": native["warped_labels"], "jac_field": native["vox"], "seconds": time.perf_counter() - t,
                 "model_seconds": model_s}

@@ -83,7 +83,38 @@ def define_pair_flags(fv=FLAGS) -> None:
                       "preprocessing; 'model' then times a warm call. A single pair is put on the grid while "
                       "TensorFlow is imported, so there is nothing to overlap: its 'model' time includes the set-up.",
                       flag_values=fv)
+    flags.DEFINE_string("refine", "", "Refinement: the model's flow improved for each pair by gradient steps on the "
+                      "local image correlation (ldr_tf.refine; no labels). Steps at half resolution, optionally "
+                      "followed by steps at full resolution: 50 (about 1 s more per pair on 2 cores) or 50,20 "
+                      "(about 4 s; the brain model's tuned settings). Empty or 0: off.",
+                        flag_values=fv)
+    flags.register_validator("refine", _refine_steps_ok,
+                             message="expected 1 or 2 step counts >= 0, comma-separated (e.g. 50 or 50,20)",
+                             flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=fv)
+
+
+def refine_steps(value: str) -> list:
+    """``--refine``'s step counts (``"50,20"`` -> ``[50, 20]``; ``""`` -> ``[]``)."""
+    return [int(v) for v in value.split(",")] if value.strip() else []
+
+
+def refiner_from_flags(fv):
+    """The `ldr_tf.refine.Refiner` that ``--refine`` asks for, or None (imports TensorFlow when it is on)."""
+    steps = refine_steps(fv.refine)
+    if not any(steps):
+        return None
+    from ldr_tf.refine import Refiner
+
+    return Refiner(steps)
+
+
+def _refine_steps_ok(value) -> bool:
+    try:
+        steps = refine_steps(value)
+    except ValueError:
+        return False
+    return len(steps) <= 2 and all(n >= 0 for n in steps)
 
 
 def define_flags(fv=FLAGS) -> None:
@@ -224,6 +255,7 @@ def _main(fv) -> int:
     from ldr_tf.deploy.loader import inference_only, open_registrar
 
     inference_only()
+    refiner = refiner_from_flags(fv)
     if loaded is not None:
         if first is None:  # a batch: the XLA-compiled resampler pays off from the second scan on
             first = reader.submit(_prepare, loaded, spec, "xla", True)
@@ -236,13 +268,15 @@ def _main(fv) -> int:
         # The pull-back is compiled after the load, not beside it: its trace is Python (GIL-bound) work that slowed
         # the load by 0.2 s, while the model's first call, which comes next, leaves a core free (its own XLA
         # compilations run one after the other).
+        if refiner is not None and single:  # (a batch compiles it in its warm-up call)
+            waits.append(reader.submit(refiner.compile, spec.grid_size))
         waits.append(reader.submit(_compile, loaded, spec.grid_size, fv.mm))
         reader.shutdown(wait=False)
     spec = resolve_preprocessing(fv.preprocessing, registrar.metadata, registrar.image_size, fv.no_crop)
     info = {k: registrar.metadata.get(k) for k in ("model", "aldk", "cascades", "parameters", "trained_steps",
                                                      "xla_warp")}
     info["path"] = str(model)
-    predictor = Predictor(registrar, spec, info)
+    predictor = Predictor(registrar, spec, info, refiner)
     predictor.session_seconds["model_load"] = load_s
     # The warm-up call (one-off graph and oneDNN set-up) overlaps the preprocessing; when the pair is already on the
     # grid there is nothing to overlap, and its first call does the set-up instead.

@@ -38,7 +38,8 @@ def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, s
     student = shared_student
     subset = next(iter(brain_like.subsets))
     out = tmp_path / "cmp"
-    res = compare.run(["identity", f"student={student['export']}"], brain_like, subset, out)
+    res = compare.run(["identity", f"student={student['export']}", f"refined={student['export']}:refine=10"],
+                      brain_like, subset, out)
     for suffix in (".txt", ".json", ".png"):
         assert (tmp_path / f"cmp{suffix}").is_file()
     summary = {s["name"]: s for s in res["summary"]}
@@ -51,8 +52,11 @@ def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, s
         assert row["folding_pct"] == 0.0
     assert summary["student"]["parameters"] > 0
     assert all(0.0 <= r["dice"] <= 1.0 and r["seconds"] > 0 for r in res["pairs"]["student"])
+    # the same model with its flow refined for each pair: another mapping, the same model
+    assert summary["refined"]["parameters"] == summary["student"]["parameters"]
+    assert [r["dice"] for r in res["pairs"]["refined"]] != [r["dice"] for r in res["pairs"]["student"]]
     saved = json.loads((tmp_path / "cmp.json").read_text())
-    assert saved["methods"] == ["identity", f"student={student['export']}"]
+    assert saved["methods"] == ["identity", f"student={student['export']}", f"refined={student['export']}:refine=10"]
     assert "| identity |" in (tmp_path / "cmp.txt").read_text()
 
 
@@ -61,6 +65,8 @@ def test_bad_methods(brain_like, tmp_path):
         compare.run(["x=/nonexistent/model"], brain_like, next(iter(brain_like.subsets)), tmp_path / "c")
     with pytest.raises(ValueError, match="must differ"):
         compare.run(["identity", "identity"], brain_like, next(iter(brain_like.subsets)), tmp_path / "c")
+    with pytest.raises(ValueError, match=r"method r: expected <model>\[:refine=<steps>\[,<steps>\]\], got refine='x'"):
+        compare.parse_method("r=/some/model:refine=x", object(), 2)  # (refused before any file is read)
     with pytest.raises(ValueError, match="sampling rate"):
         compare.parse_method("a=ants:Affine:0", None, 2)
     with pytest.raises(ValueError, match=r"ants:<transform>\[:<sampling rate>\]"):

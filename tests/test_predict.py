@@ -154,6 +154,39 @@ def test_brain_recipe_without_label_maps_falls_back_to_whole_scans(student, scan
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_refine_improves_the_image_match_and_is_recorded(student, scans, tmp_path, capsys):
+    # --refine: the flow refined for the pair (ldr_tf.refine), the same in one-pair and batch runs (where its
+    # compilation is part of the warm-up); settings and time in result.json; a bad value: one line, exit 1
+    plain, refined = tmp_path / "plain", tmp_path / "refined"
+    assert predict.run(_args(student, scans, plain, segs=False)) == 0
+    assert predict.run(_args(student, scans, refined, "--refine=8,2", segs=False)) == 0, capsys.readouterr().err
+    r = json.loads((refined / "result.json").read_text())
+    assert [lv["steps"] for lv in r["model"]["refine"]["levels"]] == [8, 2] and r["seconds"]["refine"] > 0
+    assert "refine" not in json.loads((plain / "result.json").read_text())["seconds"]
+    assert "refine " in capsys.readouterr().out
+    flows = [np.asarray(nib.load(str(d / "flow_vox.nii")).dataobj) for d in (plain, refined)]
+    assert np.abs(flows[0] - flows[1]).max() > 0.05
+    fixed = np.asarray(nib.load(scans["fixed"]).dataobj, np.float64)
+
+    def mismatch(d):  # both scans are phantoms of the same anatomy with the same contrast
+        w = np.asarray(nib.load(str(d / "warped.nii.gz")).dataobj, np.float64)
+        return np.mean((w - fixed) ** 2)
+
+    assert mismatch(refined) < mismatch(plain)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"name,fixed,moving\na,{scans['fixed']},{scans['moving']}\n")
+    batch = tmp_path / "batch"
+    assert predict.run(["predict", f"--model={student['export']}", f"--pairs={csv}", f"--out_dir={batch}",
+                        "--preprocessing=none", "--refine=8,2"]) == 0
+    np.testing.assert_allclose(np.asarray(nib.load(str(batch / "a" / "flow_vox.nii")).dataobj), flows[1], atol=1e-3)
+    for bad, why in (("-2", "expected 1 or 2 step counts >= 0"), ("5,x", "expected 1 or 2 step counts >= 0"),
+                     ("1,2,3", "expected 1 or 2 step counts >= 0")):
+        assert predict.run(_args(student, scans, tmp_path / "bad", f"--refine={bad}", segs=False)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--refine={bad}: {why}" in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_batch_stops_at_a_bad_pair_with_the_pairs_before_it_complete(student, scans, tmp_path, capsys):
     # pairs are pipelined (the files of one pair are written while the next is registered): a failure must still
     # leave every earlier pair complete and nothing of the failing one

@@ -215,24 +215,32 @@ class Predictor:
         (`ldr_tf.deploy.loader.Registrar`, `tools.serving.client.RemoteRegistrar`).
       spec: the `ldr_tf.data.preprocess.Preprocessing` applied to both scans (grid = ``registrar.image_size``).
       model_info: dict stored under ``model`` in ``result.json``.
+      refiner: optional `ldr_tf.refine.Refiner`: the model's flow is refined for each pair before it is mapped back
+        (its settings are stored under ``model.refine``, its time under ``seconds.refine``).
 
     Attributes:
       session_seconds: one-off timings (``model_load``, ``warmup``) copied into every result's ``seconds``.
     """
 
-    def __init__(self, registrar, spec, model_info: dict | None = None):
+    def __init__(self, registrar, spec, model_info: dict | None = None, refiner=None):
         if tuple(spec.grid_size) != tuple(registrar.image_size):
             raise ValueError(f"spec: grid_size {spec.grid_size} differs from the model's grid {registrar.image_size}")
         self.registrar = registrar
         self.spec = spec
-        self.model_info = model_info or {}
+        self.refiner = refiner if refiner is not None and refiner.levels else None
+        self.model_info = dict(model_info or {})
+        if self.refiner is not None:
+            self.model_info["refine"] = self.refiner.to_dict()
         self.session_seconds = {}
 
     def warmup(self) -> float:
-        """One call on zeros (traces/compiles the graph); returns its seconds (also in `session_seconds`)."""
+        """One call on zeros (traces/compiles the graph, and the refinement); returns its seconds (also in
+        `session_seconds`)."""
         zeros = np.zeros((1, *self.registrar.image_size, 1), np.float32)
         t0 = time.perf_counter()
         self.registrar(zeros, zeros)
+        if self.refiner is not None:
+            self.refiner.compile(self.registrar.image_size)
         self.session_seconds["warmup"] = time.perf_counter() - t0
         return self.session_seconds["warmup"]
 
@@ -288,13 +296,17 @@ class Predictor:
         times["preprocess"] = prepared["seconds"]
 
         t = time.perf_counter()
-        res = self.registrar(model_input(f_vol), model_input(m_vol))
+        f_in, m_in = model_input(f_vol), model_input(m_vol)
+        res = self.registrar(f_in, m_in)
         grid_flow = np.asarray(res["flow"])[0]
         del res
         times["model"] = time.perf_counter() - t
-
-        for r in ready:
+        for r in ready:  # (the refinement's compilation may be among them)
             r.result()
+        if self.refiner is not None:
+            t = time.perf_counter()
+            grid_flow = np.asarray(self.refiner(f_in, m_in, grid_flow[None]))[0]
+            times["refine"] = time.perf_counter() - t
         # The grid flow's Jacobian statistics in a thread while the flow is pulled back (NumPy releases the GIL).
         jac_pool = ThreadPoolExecutor(max_workers=1)
         jacobian = jac_pool.submit(metrics.jacobian_stats, grid_flow)
@@ -423,7 +435,8 @@ def run_pairs(predictor: Predictor, pairs: list, out_dir: str | os.PathLike, wri
     def report(i, p, r):
         results.append({"name": p["name"], **r})
         bar.update(i + 1)
-        line = f"{p['name'] or 'pair'}: " + ", ".join(f"{k} {r['seconds'][k]:.2f}s" for k in TIMING_KEYS)
+        keys = [k for k in TIMING_KEYS[:3] + ("refine",) + TIMING_KEYS[3:] if k in r["seconds"]]
+        line = f"{p['name'] or 'pair'}: " + ", ".join(f"{k} {r['seconds'][k]:.2f}s" for k in keys)
         if "dice" in r:
             line += f"; Dice {r['dice_before']:.3f} -> {r['dice']:.3f} over {r['labels']} labels"
         if r["preprocessing_note"]:
