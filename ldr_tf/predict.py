@@ -85,8 +85,9 @@ def define_pair_flags(fv=FLAGS) -> None:
                       flag_values=fv)
     flags.DEFINE_string("refine", "", "Refinement: the model's flow improved for each pair by gradient steps on the "
                       "local image correlation (ldr_tf.refine; no labels). Steps at half resolution, optionally "
-                      "followed by steps at full resolution: 50 (about 1 s more per pair on 2 cores) or 50,20 "
-                      "(about 4 s; the brain model's tuned settings). Empty or 0: off.",
+                      "followed by steps at full resolution: 50 (brain model, 2 cores: +0.11 Dice, 1.3 s per pair "
+                      "plus 2.5-4 s of compilation once per process) or 50,20 (+0.14 Dice, 5-6 s per pair plus "
+                      "5-6 s once). Empty or 0: off.",
                         flag_values=fv)
     flags.register_validator("refine", _refine_steps_ok,
                              message="expected 1 or 2 step counts >= 0, comma-separated (e.g. 50 or 50,20)",
