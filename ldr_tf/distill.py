@@ -9,10 +9,15 @@ of the pair it sees.
 Example::
 
     python -m ldr_tf.distill --teacher=runs/teacher --dataset=demo --out=runs/teacher/flows.h5
+
+``--refine=50,20`` refines each teacher flow for its pair (`ldr_tf.refine`, as ``predict --refine``): the cache then
+holds the deformations of the teacher + per-pair optimisation, a stronger teacher than the network alone.
+``--shuffle`` with ``--max_pairs`` caches a seeded random subset of the pairs instead of the first ones.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -36,11 +41,17 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output HDF5 file.")
     flags.DEFINE_integer("batch", 1, "Pairs per teacher call.")
     flags.DEFINE_integer("max_pairs", 0, "Cache only the first N pairs (0 = all).")
+    flags.DEFINE_bool("shuffle", False, "Take the pairs in a random order drawn with --seed (with --max_pairs: a random "
+                      "subset).")
+    flags.DEFINE_string("refine", "", "Refine each teacher flow for its pair first (steps at half[,full] resolution, "
+                        "as predict --refine; e.g. 50,20). Empty: off.")
 
 
 def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", batch: int = 1,
-                max_pairs: int = 0, progress: bool = True) -> dict:
-    """Runs the teacher on every pair of `subset` and writes the cache atomically. Returns a small report."""
+                max_pairs: int = 0, progress: bool = True, refiner=None, shuffle: bool = False, seed: int = 0) -> dict:
+    """Runs the teacher on every pair of `subset` (the first `max_pairs`, in a random order drawn with `seed` when
+    `shuffle`), refines each flow with `refiner` (an `ldr_tf.refine.Refiner`) if given, and writes the cache
+    atomically. Returns a small report."""
     import h5py
     import tensorflow as tf
 
@@ -55,7 +66,7 @@ def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", b
     size = info["image_size"] or tuple(desc.image_size)
     pairs = pairs_for(desc, subset)
     n = min(len(pairs), max_pairs) if max_pairs else len(pairs)
-    ds = make_pair_dataset(desc, subset, batch_size=1, augment=False, shuffle=False, repeat=False,
+    ds = make_pair_dataset(desc, subset, batch_size=1, seed=seed, augment=False, shuffle=shuffle, repeat=False,
                            image_size=size).take(n).rebatch(batch)
     call = tf.function(fn) if info["kind"] == "checkpoint" else fn
     bar = Progress(n, label="distill", unit="pair", enabled=progress)
@@ -63,9 +74,14 @@ def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", b
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs.update({"teacher": str(teacher), "dataset": str(desc.path), "subset": subset,
-                             "image_size": list(size), "dtype": "float16", "units": "voxels of the grid"})
+                             "image_size": list(size), "dtype": "float16", "units": "voxels of the grid",
+                             "refine": json.dumps(refiner.to_dict() if refiner is not None else None),
+                             "shuffle": bool(shuffle), "seed": int(seed)})
             for b in ds:
-                flows = call(tf.concat([b["fixed"], b["moving"]], -1)).numpy().astype(np.float16)
+                flows = call(tf.concat([b["fixed"], b["moving"]], -1))
+                if refiner is not None:
+                    flows = refiner(b["fixed"], b["moving"], flows)
+                flows = flows.numpy().astype(np.float16)
                 for i in range(flows.shape[0]):
                     key = pair_key(b["id1"][i].numpy().decode(), b["id2"][i].numpy().decode())
                     h5.create_dataset(key, data=flows[i], compression="gzip", compression_opts=4,
@@ -85,8 +101,20 @@ def main(argv):
     common_flags.apply_runtime_flags(FLAGS)
     from ldr_tf.data.dataset import open_dataset
 
+    from ldr_tf.predict import refine_steps
+
+    try:
+        steps = refine_steps(FLAGS.refine)
+    except ValueError:
+        raise cli.UsageError(f"--refine={FLAGS.refine}: expected step counts, e.g. 50 or 50,20") from None
+    refiner = None
+    if any(steps):
+        from ldr_tf.refine import Refiner
+
+        refiner = Refiner(steps)
     desc = open_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
-    rep = build_cache(FLAGS.teacher, desc, FLAGS.out, FLAGS.subset, FLAGS.batch, FLAGS.max_pairs)
+    rep = build_cache(FLAGS.teacher, desc, FLAGS.out, FLAGS.subset, FLAGS.batch, FLAGS.max_pairs,
+                      refiner=refiner, shuffle=FLAGS.shuffle, seed=FLAGS.seed)
     print(f"cached {rep['pairs']} teacher flows ({'x'.join(map(str, rep['image_size']))}) in {rep['seconds']:.0f} s: "
           f"{FLAGS.out}, {rep['bytes'] / 2**20:.1f} MiB ({rep['bytes_per_pair'] / 2**20:.2f} MiB per pair)")
     return 0

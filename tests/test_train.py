@@ -248,6 +248,13 @@ def test_two_workers_on_localhost(tmp_path, data_dir):
     assert not list(out.glob(".worker-*")), "the non-chief worker's scratch checkpoints are removed"
 
 
+def cache_flow_of(path, key):
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        return np.asarray(h5[key][()], np.float32)
+
+
 def test_teacher_cache_holds_the_teachers_flows_and_trains_a_student(tmp_path, data_dir, teacher_run):
     from ldr_tf import distill
     from ldr_tf.training import teacher_flows as teacher_lib
@@ -269,6 +276,22 @@ def test_teacher_cache_holds_the_teachers_flows_and_trains_a_student(tmp_path, d
     with pytest.raises(ValueError, match="no teacher flow for pair nope -> s000"):
         cache.get("nope", "s000")
     cache.close()
+    # --refine --shuffle --max_pairs: a seeded random subset, each flow the teacher's refined for its pair
+    from ldr_tf.refine import Refiner
+
+    refiner = Refiner(3)
+    rep2 = distill.build_cache(str(teacher_run), desc, tmp_path / "refined.h5", max_pairs=2, progress=False,
+                               refiner=refiner, shuffle=True, seed=5)
+    refined = teacher_lib.TeacherCache(tmp_path / "refined.h5")
+    assert rep2["pairs"] == len(refined) == 2 and json.loads(refined.attrs["refine"])["levels"][0]["steps"] == 3
+    first = sorted(refined.keys)[0]
+    ds = make_pair_dataset(desc, "1", batch_size=1, seed=5, augment=False, shuffle=True, repeat=False)
+    b = next(b for b in ds if teacher_lib.pair_key(b["id1"][0].numpy().decode(), b["id2"][0].numpy().decode()) == first)
+    want = refiner(b["fixed"], b["moving"], fn(tf.concat([b["fixed"], b["moving"]], -1))).numpy()[0]
+    got = refined.get(b["id1"][0].numpy().decode(), b["id2"][0].numpy().decode())
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+    assert np.abs(got - cache_flow_of(out, first)).max() > 1e-3  # refining changed the teacher's flow
+    refined.close()
     # a student trains from the cache (augmented pairs: cached flows are mapped onto them) with ALDK
     cfg = _cfg(tmp_path / "s", data_dir, aldk=True, teacher_cache=str(out), steps=1, augment=True)
     t = _trainer(cfg, data_dir)
