@@ -100,6 +100,20 @@ def test_stream_is_a_seeded_permutation_per_epoch(dataset):
     assert [ordered.pair(i) for i in range(24)] == all_pairs * 2
 
 
+def test_keep_restricts_the_stream_to_the_pairs_it_keeps(dataset):
+    desc = load_descriptor(dataset[0])
+    all_pairs = P.pairs_for(desc, "train")
+    kept = set(all_pairs[::4])
+    s = P.PairStream(desc, "train", seed=5, keep=lambda f, m: (f, m) in kept)
+    assert s.num_pairs == len(kept) < len(all_pairs)
+    epoch = [s.pair(i) for i in range(len(kept))]
+    assert sorted(epoch) == sorted(kept) and s.keys() == sorted({k for p in kept for k in p})
+    finite = P.PairStream(desc, "train", shuffle=False, repeat=False, keep=lambda f, m: (f, m) in kept)
+    assert [finite.pair(i) for i in range(finite.num_pairs)] == [p for p in all_pairs if p in kept]
+    with pytest.raises(DatasetError, match="yields no pair that is kept"):
+        P.PairStream(desc, "train", keep=lambda f, m: False)
+
+
 # ------------------------------------------------------------------------------------------ pipeline
 
 

@@ -280,10 +280,10 @@ def test_teacher_cache_holds_the_teachers_flows_and_trains_a_student(tmp_path, d
     from ldr_tf.refine import Refiner
 
     refiner = Refiner(3)
-    rep2 = distill.build_cache(str(teacher_run), desc, tmp_path / "refined.h5", max_pairs=2, progress=False,
+    rep2 = distill.build_cache(str(teacher_run), desc, tmp_path / "refined.h5", max_pairs=1, progress=False,
                                refiner=refiner, shuffle=True, seed=5)
     refined = teacher_lib.TeacherCache(tmp_path / "refined.h5")
-    assert rep2["pairs"] == len(refined) == 2 and json.loads(refined.attrs["refine"])["levels"][0]["steps"] == 3
+    assert rep2["pairs"] == len(refined) == 1 and json.loads(refined.attrs["refine"])["levels"][0]["steps"] == 3
     first = sorted(refined.keys)[0]
     ds = make_pair_dataset(desc, "1", batch_size=1, seed=5, augment=False, shuffle=True, repeat=False)
     b = next(b for b in ds if teacher_lib.pair_key(b["id1"][0].numpy().decode(), b["id2"][0].numpy().decode()) == first)
@@ -292,8 +292,10 @@ def test_teacher_cache_holds_the_teachers_flows_and_trains_a_student(tmp_path, d
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
     assert np.abs(got - cache_flow_of(out, first)).max() > 1e-3  # refining changed the teacher's flow
     refined.close()
-    # a student trains from the cache (augmented pairs: cached flows are mapped onto them) with ALDK
-    cfg = _cfg(tmp_path / "s", data_dir, aldk=True, teacher_cache=str(out), steps=1, augment=True)
+    # a student trains from a cache (augmented pairs: cached flows are mapped onto them) with ALDK; the cache holds
+    # 1 of the 6 training pairs: the student trains on it only (else, likely: "no teacher flow for pair ...")
+    assert len(pairs_for(desc, "1")) == 6
+    cfg = _cfg(tmp_path / "s", data_dir, aldk=True, teacher_cache=str(tmp_path / "refined.h5"), steps=1, augment=True)
     t = _trainer(cfg, data_dir)
     assert t.teacher_fn is None and t.cache is not None  # flows come from the cache, no teacher is loaded
     critic0 = _weights(t.critic)

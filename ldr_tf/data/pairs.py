@@ -143,6 +143,22 @@ class _SubsetPairs:
         return set(self.keys) | ({self.atlas} if self.mode == "atlas" and self.keys else set())
 
 
+class _KeptPairs:
+    """The pairs of a `_SubsetPairs` that a predicate keeps, as a list (`PairStream`'s ``keep``)."""
+
+    def __init__(self, pairs: _SubsetPairs, keep):
+        self.kept = [pairs[p] for p in range(len(pairs)) if keep(*pairs[p])]
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, p: int) -> tuple[str, str]:
+        return self.kept[p]
+
+    def subjects(self) -> set:
+        return {k for pair in self.kept for k in pair}
+
+
 def subset_pairs(desc: Descriptor, subset: str, paired: bool = False) -> list[tuple[str, str]]:
     """Pairs ``(fixed_key, moving_key)`` of one subset (all ordered pairs, paired, or atlas; see module doc)."""
     pairs = _SubsetPairs(desc, subset, paired)
@@ -183,7 +199,7 @@ def batch_composition(fractions, batch_size: int) -> list[int]:
 @dataclass(frozen=True)
 class _Subset:
     name: str
-    pairs: _SubsetPairs
+    pairs: _SubsetPairs | _KeptPairs
     count: int  # elements per composition batch
     offset: int  # first slot in the batch
 
@@ -199,6 +215,8 @@ class PairStream:
       repeat: endless stream mixing subsets by fraction; else every pair once.
       paired: neighbour pairing.
       composition_batch: the global batch size ``G`` used to mix subsets (repeat mode only).
+      keep: optional predicate ``keep(fixed_key, moving_key) -> bool``: only the pairs it keeps are streamed (e.g.
+        those of a partial teacher-flow cache); a subset left without a pair is an error.
 
     Attributes:
       length: number of elements (None when repeating).
@@ -207,7 +225,7 @@ class PairStream:
     """
 
     def __init__(self, desc, split: str, seed: int = 0, shuffle: bool = True, repeat: bool = True,
-                 paired: bool = False, composition_batch: int = 1):
+                 paired: bool = False, composition_batch: int = 1, keep=None):
         desc = _descriptor(desc)
         if int(seed) != seed or seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {seed}")
@@ -220,8 +238,11 @@ class PairStream:
         subsets, offset = [], 0
         for (name, _), count in zip(fractions, counts):
             pairs = _SubsetPairs(desc, name, paired)
+            if keep is not None:
+                pairs = _KeptPairs(pairs, keep)
             if not len(pairs):
-                raise DatasetError(f"{desc.path}: subset '{name}' of split '{split}' yields no pair")
+                raise DatasetError(f"{desc.path}: subset '{name}' of split '{split}' yields no pair"
+                                   + (" that is kept (e.g. none is in the teacher cache)" if keep else ""))
             subsets.append(_Subset(name, pairs, count, offset))
             offset += count
         self.subsets = tuple(subsets)
@@ -405,7 +426,7 @@ def _resize(element: dict, src, dst) -> dict:
 def make_pair_dataset(desc, split: str, batch_size: int, seed: int = 0, augment=True, shuffle: bool = True,
                       repeat: bool = True, start_step: int = 0, input_context=None, image_size=None,
                       paired: bool = False, num_points: int = NUM_POINTS, num_parallel_calls=None,
-                      validate: bool = True, cache_size: int = 8) -> tf.data.Dataset:
+                      validate: bool = True, cache_size: int = 8, keep=None) -> tf.data.Dataset:
     """Streams batches of registration pairs.
 
     Args:
@@ -425,6 +446,7 @@ def make_pair_dataset(desc, split: str, batch_size: int, seed: int = 0, augment=
       num_parallel_calls: parallel reads/augmentations (default ``tf.data.AUTOTUNE``); order stays deterministic.
       validate: check every subject of the split up front with `check_subjects` (metadata only, cheap).
       cache_size: decoded subjects kept in memory per pipeline (0 disables).
+      keep: optional predicate ``keep(fixed_key, moving_key) -> bool`` restricting the pairs (`PairStream`).
 
     Returns:
       ``tf.data.Dataset`` of dicts: ``fixed``, ``moving`` ``[B, D, H, W, 1]`` float32 in [0, 1]; ``fixed_seg``,
@@ -457,7 +479,8 @@ def make_pair_dataset(desc, split: str, batch_size: int, seed: int = 0, augment=
         if replicas % workers:
             raise ValueError(f"input_context: {replicas} replicas do not divide into {workers} input pipelines")
     per_pipeline = replicas // workers  # batches of this pipeline consumed by one training step
-    stream = PairStream(desc, split, seed, shuffle, repeat, paired, composition_batch=batch_size * replicas)
+    stream = PairStream(desc, split, seed, shuffle, repeat, paired, composition_batch=batch_size * replicas,
+                        keep=keep)
     src = tuple(desc.image_size)
     dst = tuple(int(s) for s in image_size) if image_size is not None else src
     if len(dst) != 3 or min(dst) < 1:

@@ -185,11 +185,21 @@ class Trainer:
 
         cfg = self.cfg
 
+        # A teacher cache that holds only some of the training pairs (ldr_tf.distill --max_pairs): train on those.
+        keep = None
+        if self.cache is not None:
+            cached = self.cache.keys
+            logging.info("teacher cache %s: %d pairs; the student trains on the cached training pairs only",
+                         self.cache.path, len(cached))
+
+            def keep(fixed, moving):
+                return teacher_lib.pair_key(fixed, moving) in cached
+
         def per_worker(ctx):
             ds = make_pair_dataset(
                 self.desc, "1", batch_size=ctx.get_per_replica_batch_size(cfg.batch), seed=cfg.seed,
                 augment=cfg.augment, shuffle=True, repeat=True, start_step=start_step, input_context=ctx,
-                image_size=self.image_size,
+                image_size=self.image_size, keep=keep,
             )
             if self.cache is not None:
                 ds = ds.map(self._add_cached_teacher_flow)
