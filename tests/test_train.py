@@ -293,8 +293,8 @@ def test_teacher_cache_holds_the_teachers_flows_and_trains_a_student(tmp_path, d
     assert np.abs(got - cache_flow_of(out, first)).max() > 1e-3  # refining changed the teacher's flow
     refined.close()
     # a student trains from a cache (augmented pairs: cached flows are mapped onto them) with ALDK; the cache holds
-    # 1 of the 6 training pairs: the student trains on it only (else, likely: "no teacher flow for pair ...")
-    assert len(pairs_for(desc, "1")) == 6
+    # 1 of the (at least 6) training pairs: the student trains on it only (else, likely: "no teacher flow for pair")
+    assert len(pairs_for(desc, "1")) >= 6
     cfg = _cfg(tmp_path / "s", data_dir, aldk=True, teacher_cache=str(tmp_path / "refined.h5"), steps=1, augment=True)
     t = _trainer(cfg, data_dir)
     assert t.teacher_fn is None and t.cache is not None  # flows come from the cache, no teacher is loaded
