@@ -43,8 +43,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_pairs", 0, "Cache only the first N pairs (0 = all).")
     flags.DEFINE_bool("shuffle", False, "Take the pairs in a random order drawn with --seed (with --max_pairs: a random "
                       "subset).")
-    flags.DEFINE_string("refine", "", "Refine each teacher flow for its pair first (steps at half[,full] resolution, "
-                        "as predict --refine; e.g. 50,20). Empty: off.")
+    from ldr_tf.predict import define_refine_flag
+
+    define_refine_flag(FLAGS, "Refine each teacher flow for its pair first (steps at half[,full] resolution, as "
+                       "predict --refine; e.g. 50,20). Empty: off.")
 
 
 def build_cache(teacher: str, desc, out: str | os.PathLike, subset: str = "1", batch: int = 1,
@@ -100,18 +102,9 @@ def main(argv):
         raise cli.UsageError("--teacher and --out are required")
     common_flags.apply_runtime_flags(FLAGS)
     from ldr_tf.data.dataset import open_dataset
+    from ldr_tf.predict import refiner_from_flags
 
-    from ldr_tf.predict import refine_steps
-
-    try:
-        steps = refine_steps(FLAGS.refine)
-    except ValueError:
-        raise cli.UsageError(f"--refine={FLAGS.refine}: expected step counts, e.g. 50 or 50,20") from None
-    refiner = None
-    if any(steps):
-        from ldr_tf.refine import Refiner
-
-        refiner = Refiner(steps)
+    refiner = refiner_from_flags(FLAGS)
     desc = open_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
     rep = build_cache(FLAGS.teacher, desc, FLAGS.out, FLAGS.subset, FLAGS.batch, FLAGS.max_pairs,
                       refiner=refiner, shuffle=FLAGS.shuffle, seed=FLAGS.seed)

@@ -83,16 +83,21 @@ def define_pair_flags(fv=FLAGS) -> None:
                       "preprocessing; 'model' then times a warm call. A single pair is put on the grid while "
                       "TensorFlow is imported, so there is nothing to overlap: its 'model' time includes the set-up.",
                       flag_values=fv)
-    flags.DEFINE_string("refine", "", "Refinement: the model's flow improved for each pair by gradient steps on the "
-                      "local image correlation (ldr_tf.refine; no labels). Steps at half resolution, optionally "
-                      "followed by steps at full resolution: 50 (brain model, 2 cores: +0.11 Dice, 1.3 s per pair "
-                      "plus 2.5-4 s of compilation once per process) or 50,20 (+0.14 Dice, 5-6 s per pair plus "
-                      "5-6 s once). Empty or 0: off.",
-                        flag_values=fv)
+    define_refine_flag(fv, "Refinement: the model's flow improved for each pair by gradient steps on the local "
+                       "image correlation (ldr_tf.refine; no labels). Steps at half resolution, optionally followed "
+                       "by steps at full resolution: 50 (brain model, 2 cores: +0.11 Dice, 1.3 s per pair plus "
+                       "2.5-4 s of compilation once per process) or 50,20 (+0.14 Dice, 5-6 s per pair plus 5-6 s "
+                       "once). Empty or 0: off.")
+    flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=fv)
+
+
+def define_refine_flag(fv, help_text: str) -> None:
+    """``--refine`` (step counts at half[,full] resolution, checked when parsed): predict, the serving client,
+    distill."""
+    flags.DEFINE_string("refine", "", help_text, flag_values=fv)
     flags.register_validator("refine", _refine_steps_ok,
                              message="expected 1 or 2 step counts >= 0, comma-separated (e.g. 50 or 50,20)",
                              flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=fv)
 
 
 def refine_steps(value: str) -> list:
