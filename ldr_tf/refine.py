@@ -33,6 +33,7 @@ LEVELS = (dict(DEFAULTS), {"lr": 0.5, "smooth": 3.0, "window": 3, "factor": 1})
 NCC_EPS = 1e-5
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-7
+_COMPILED = {}  # level settings -> compiled refine_flow (`Refiner._compiled`)
 
 
 def _box(x, window: int):
@@ -137,7 +138,13 @@ class Refiner:
 
     @staticmethod
     def _compiled(kw):
-        return tf.function(lambda f, m, u, n: refine_flow(f, m, u, n, **kw), jit_compile=True, reduce_retracing=True)
+        # One compiled function per level setting in the process: refiners that share a level (compare's
+        # refine=50 and refine=50,20, a batch's pairs) share its compilations.
+        key = tuple(sorted(kw.items()))
+        if key not in _COMPILED:
+            _COMPILED[key] = tf.function(lambda f, m, u, n: refine_flow(f, m, u, n, **kw), jit_compile=True,
+                                         reduce_retracing=True)
+        return _COMPILED[key]
 
     @property
     def steps(self) -> list:
