@@ -132,11 +132,12 @@ class Learned(Method):
 
     def __init__(self, name: str, spec: str, preprocessing):
         from ldr_tf.deploy.loader import open_registrar
+        from ldr_tf.predict import refine_steps
         from ldr_tf.refine import Refiner
 
         spec, _, refine = spec.partition(":refine=")
         try:
-            self.refiner = Refiner([int(n) for n in refine.split(",")]) if refine else None
+            self.refiner = Refiner(refine_steps(refine)) if refine else None
         except ValueError:
             raise ValueError(f"method {name}: expected <model>[:refine=<steps>[,<steps>]], got refine={refine!r}") \
                 from None

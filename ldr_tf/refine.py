@@ -10,8 +10,7 @@ where ``_c`` is the coarse grid (images average-pooled, ``u0_c`` the pooled flow
 squared local correlation in a ``window^3`` box (the CC metric of ANTs SyN) and `smoothness` the forward-difference
 smoothness of `ldr_tf.ops.losses.smoothness_loss`. The result is ``u0 + upsample(d)`` on the network's grid. The
 loop runs inside one XLA-compiled graph (one compilation per level setting and grid shape; the step count is an
-input), with Adam written out so that no
-optimizer state outlives a call: the same inputs give the same flow.
+input), with Adam written out so that no optimizer state outlives a call: the same inputs give the same flow.
 
 The defaults were chosen on the IXI validation pairs with the shipped brain model (README, "Refinement"); labels
 are never used.
