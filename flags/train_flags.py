@@ -62,6 +62,11 @@ def define_train_flags() -> None:
     )
     flags.DEFINE_float("reg_weight", 1.0, "Weight of the smoothness loss of every dense stem.")
     flags.DEFINE_float("affine_weight", 0.1, "Weight of the affine determinant and orthogonality losses.")
+    flags.DEFINE_string("init_from", None,
+                        "Start from the weights of another model (fine-tuning): an exported SavedModel, a pretrained "
+                        "model's name (brain) or a training run directory (its latest checkpoint). The network "
+                        "settings must match; the optimizer and the step count start fresh. Ignored when --resume "
+                        "finds a checkpoint.")
     flags.DEFINE_bool("augment", True, "Random B-spline deformation of the moving image during training.")
     # Student / distillation
     flags.DEFINE_string("teacher", None,

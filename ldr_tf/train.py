@@ -42,7 +42,8 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
         affine=affine, channels=fv.channels, identity_init=fv.identity_init, student_stem=fv.student_stem, student_head=fv.student_head,
         batch=fv.batch, steps=fv.steps, lr=fv.lr, lr_schedule=fv.lr_schedule, reg_weight=fv.reg_weight,
         affine_weight=fv.affine_weight, seg_weight=fv.seg_weight, seg_labels=fv.seg_labels,
-        seg_half=fv.seg_half, augment=fv.augment, teacher=fv.teacher, teacher_cache=fv.teacher_cache,
+        seg_half=fv.seg_half, augment=fv.augment, init_from=fv.init_from, teacher=fv.teacher,
+        teacher_cache=fv.teacher_cache,
         aldk=fv.aldk, gamma=fv.gamma, lambda_gp=fv.lambda_gp, beta=fv.beta, critic_steps=fv.critic_steps,
         critic_every=fv.critic_every, critic_lr=fv.critic_lr, critic_output=fv.critic_output, dis_loss=fv.dis_loss,
         critic_condition=fv.critic_condition, critic_flow=fv.critic_flow,
@@ -135,6 +136,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     else:
         what = "teacher"
     start = trainer.restore() if resume else 0
+    if start == 0 and cfg.init_from:
+        trainer.init_from(cfg.init_from)
     logging.info("training the %s: %d cascades, grid %s, %d parameters, steps %d -> %d, out_dir %s", what,
                  cfg.cascades, size, params, start, cfg.steps, out_dir)
     t0 = time.perf_counter()

@@ -396,3 +396,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, data_dir):
     assert "interrupted" in err.strip().splitlines()[-1]
     ckpts = list((out / "checkpoints").glob("ckpt-*.index"))
     assert len(ckpts) == 1 and int(ckpts[0].name.split("-")[1].split(".")[0]) > 0
+
+
+def test_init_from_copies_another_runs_weights_and_refuses_another_network(tmp_path, data_dir, teacher_run):
+    from ldr_tf.training.checkpoints import restore_model
+
+    source, _ = restore_model(teacher_run)
+    t = _trainer(_cfg(tmp_path / "ft", data_dir, init_from=str(teacher_run)), data_dir)
+    before = _weights(t.model)
+    t.init_from(str(teacher_run))
+    after = _weights(t.model)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))  # the seed's initial weights are replaced
+    for a, b in zip(after, _weights(source)):
+        np.testing.assert_array_equal(a, b)
+    other = _trainer(_cfg(tmp_path / "other", data_dir, cascades=2), data_dir)
+    with pytest.raises(ValueError, match=r"--init_from .*: its network differs from this run's: .*cascades"):
+        other.init_from(str(teacher_run))
+    with pytest.raises(ValueError, match=r"nowhere: not found"):
+        other.init_from(str(tmp_path / "nowhere"))

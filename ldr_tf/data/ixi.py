@@ -39,7 +39,7 @@ from ldr_tf.data import importer as imp
 __all__ = ["DEFAULT_SHARED_DATA", "muse_names", "ixi_spec", "main", "run"]
 
 DEFAULT_SHARED_DATA = Path(os.environ.get("LDR_TF_SHARED_DATA",
-                                          Path(__file__).resolve().parents[2] / "shared" / "data"))
+                                          Path(__file__).resolve().parents[3] / "shared" / "data"))
 MNI_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 MNI_GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 MNI_WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"

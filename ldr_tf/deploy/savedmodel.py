@@ -191,7 +191,7 @@ def model_from_export(export_dir: str | os.PathLike, overrides: dict | None = No
     weight is missing or of another shape, or when the SavedModel holds variables the network does not have.
     `overrides` as in `export_run` (``compute_dtype``).
     """
-    from ldr_tf.training.checkpoints import build_network
+    from ldr_tf.training.checkpoints import assign_weights, build_network, weight_key
 
     export_dir = Path(export_dir)
     meta = load_metadata(export_dir)
@@ -200,29 +200,12 @@ def model_from_export(export_dir: str | os.PathLike, overrides: dict | None = No
     loaded = load_saved_model(export_dir)
     if "register" not in loaded.signatures:
         raise ValueError(f"{export_dir}: SavedModel lacks the register signature")
-
-    def key(path: str) -> str:  # the path below the model's own name (Keras numbers models: recursive_cascade_3)
-        return path.rsplit(":", 1)[0].split("/", 1)[-1]
-
     stored = {}
     for sig in loaded.signatures.values():
         for v in sig.variables:
-            stored[key(v.name)] = v
+            stored[weight_key(v.name)] = v
     model = build_network({**meta["network"], **(overrides or {})})
-    weights = {key(w.path): w for w in model.weights}
-    if len(weights) != len(model.weights):
-        raise ValueError(f"{export_dir}: the network has weights of the same path; cannot match them by name")
-    missing = [k for k in weights if k not in stored]
-    wrong = [f"{k} {tuple(w.shape)} vs {tuple(stored[k].shape)}" for k, w in weights.items()
-             if k in stored and tuple(w.shape) != tuple(stored[k].shape)]
-    extra = sorted(set(stored) - set(weights))
-    for what, names in (("missing weights", missing), ("weights of another shape", wrong),
-                        ("variables the network does not have", extra)):
-        if names:
-            raise ValueError(f"{export_dir}: the export does not match its network description: {len(names)} "
-                             f"{what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-    for k, w in weights.items():
-        w.assign(stored[k].numpy())
+    assign_weights(model, stored, f"{export_dir}: the export does not match its network description")
     return model, meta
 
 

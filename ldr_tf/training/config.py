@@ -68,6 +68,7 @@ class TrainConfig:
     seg_labels: int = 16
     seg_half: bool = False
     augment: bool = True
+    init_from: str | None = None
     teacher: str | None = None
     teacher_cache: str | None = None
     aldk: bool = False

@@ -105,6 +105,11 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _plain(value):
+    """Lists and tuples alike (a network config read from JSON has lists where a fresh one may have tuples)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def _is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -329,6 +334,28 @@ class Trainer:
             self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
             logging.info("restored %s (step %d)", self.manager.latest_checkpoint, int(self.step.numpy()))
         return int(self.step.numpy())
+
+    def init_from(self, source: str) -> None:
+        """Fine-tuning: copies the weights of `source` (export, pretrained name or run directory) into the model.
+
+        The source's network description must equal this run's (apart from ``compute_dtype``); ValueError naming the
+        differing settings otherwise. A source trained on another preprocessing is allowed, with a warning.
+        """
+        from ldr_tf.training.checkpoints import assign_weights, load_any_model, weight_key
+
+        model, net_cfg, preprocessing = load_any_model(source)
+        ignore = {"compute_dtype"}
+        keys = (set(net_cfg) | set(self.network_config)) - ignore
+        differ = [f"{k}={net_cfg.get(k)!r} (this run: {self.network_config.get(k)!r})" for k in sorted(keys)
+                  if _plain(net_cfg.get(k)) != _plain(self.network_config.get(k))]
+        if differ:
+            raise ValueError(f"--init_from {source}: its network differs from this run's: {'; '.join(differ)}")
+        ours = self.desc.extra.get("preprocessing")
+        if preprocessing != ours:
+            logging.warning("--init_from %s: it was trained on other preprocessing (%s) than this dataset's (%s)",
+                            source, (preprocessing or {}).get("recipe"), (ours or {}).get("recipe"))
+        assign_weights(self.model, {weight_key(w.path): w for w in model.weights}, f"--init_from {source}")
+        logging.info("initialised the model from %s (%d weights)", source, len(model.weights))
 
     def save(self) -> str:
         path = self.manager.save(checkpoint_number=int(self.step.numpy()))
