@@ -25,7 +25,9 @@ Per method: mean and median (over pairs) of each pair's Dice and Jaccard (a pair
 present in the fixed map, background excluded), % of fixed-grid voxels where the mapping folds (det J <= 0), and
 seconds per pair for the registration itself (learned: preprocessing + model + mapping back, the model call alone
 also given; ANTs: ``ants.registration``; elastix: the registration call), all with ``--threads`` threads (default 2). Text table, JSON and a
-Dice-vs-seconds figure (log scale).
+Dice-vs-seconds figure (log scale). With two methods or more, every method's Dice minus the ``--baseline``'s (default:
+the first method) on the same pairs: mean, a 95 % interval over subject pairs (Student's t, as `ldr_tf.ablation`),
+and on how many pairs it is higher.
 
 Example::
 
@@ -63,6 +65,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("paired", False, "Subject-to-subject datasets: neighbour pairs (keys 2k and 2k+1, both ways: "
                       "30 pairs for 30 test subjects) instead of every ordered pair.")
     flags.DEFINE_string("out", None, "Output prefix: <out>.txt, <out>.json, <out>.png.")
+    flags.DEFINE_string("baseline", None, "Name of a method: every other method's Dice minus its, pair by pair, with "
+                        "a 95 %% confidence interval over subject pairs (default: the first method).")
 
 
 # ------------------------------------------------------------------------------------------- scans
@@ -372,6 +376,44 @@ def compare(methods, desc, subset: str, max_pairs: int = 0, progress: bool = Tru
     return {"pairs": rows, "summary": summary}
 
 
+def paired_differences(rows: dict, baseline: str) -> list:
+    """Each method's Dice minus `baseline`'s on the same pairs (`ldr_tf.ablation.paired_difference`).
+
+    The unit is a pair's two subjects, unordered (a->b and b->a share scans: not independent); the 95 % interval is
+    Student's t over the units (None with fewer than 2). One dict per other method: ``name, baseline, mean, low,
+    high, units, pairs, better`` (pairs where it scored higher).
+    """
+    from ldr_tf.ablation import paired_difference
+
+    if baseline not in rows:
+        raise ValueError(f"--baseline {baseline!r}: no such method (have: {', '.join(rows)})")
+    base = {(r["fixed"], r["moving"]): r["dice"] for r in rows[baseline]}
+    out = []
+    for name, r in rows.items():
+        arm = {(x["fixed"], x["moving"]): x["dice"] for x in r}
+        if name == baseline or not arm:
+            continue
+        units = {frozenset(k) for k in arm}
+        if len(units) >= 2:
+            d = paired_difference(arm, base)
+        else:
+            diffs = [arm[k] - base[k] for k in arm]
+            d = {"mean": float(np.mean(diffs)), "low": None, "high": None, "units": len(units), "pairs": len(arm),
+                 "better": int(sum(x > 0 for x in diffs))}
+        out.append({"name": name, "baseline": baseline, **d})
+    return out
+
+
+def difference_lines(diffs: list) -> list:
+    lines = []
+    for d in diffs:
+        ci = "" if d["low"] is None else f" (95 % CI {d['low']:+.3f}..{d['high']:+.3f}"
+        ci += f" over {d['units']} subject pairs)" if ci else ""
+        lines.append(f"{d['name']} - {d['baseline']}: {d['mean']:+.3f} Dice{ci}, higher on {d['better']} of "
+                     f"{d['pairs']} pairs")
+    return lines
+
+
 def table(summary) -> str:
     head = ("| method | Dice mean ± std | Dice median | Jaccard | % folding | s / pair (end to end) | s (model) |"
             " parameters |\n|---|---|---|---|---|---|---|---|")
@@ -385,8 +427,12 @@ def table(summary) -> str:
     return "\n".join(lines)
 
 
-def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int = 2, paired: bool = False) -> dict:
-    """Compares `method_specs` (``name=spec`` strings) on `desc`'s `subset`; writes <out>.txt/.json/.png."""
+def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int = 2, paired: bool = False,
+        baseline: str | None = None) -> dict:
+    """Compares `method_specs` (``name=spec`` strings) on `desc`'s `subset`; writes <out>.txt/.json/.png.
+
+    With two methods or more, each one's Dice is also compared pair by pair with `baseline` (default: the first).
+    """
     from ldr_tf.data.preprocess import Preprocessing
 
     pp = desc.extra.get("preprocessing")
@@ -395,10 +441,15 @@ def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int =
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must differ: {names}")
+    if baseline is not None and baseline not in names:
+        raise ValueError(f"--baseline {baseline!r}: no such method (have: {', '.join(names)})")
     t0 = time.perf_counter()
     res = compare(methods, desc, subset, max_pairs, paired=paired)
+    res["differences"] = paired_differences(res["pairs"], baseline or names[0])
     out = Path(out)
     text = table(res["summary"])
+    if res["differences"]:
+        text += "\n\nPaired differences:\n" + "\n".join(difference_lines(res["differences"]))
     header = (f"dataset {desc.path}, subset {subset}, {res['summary'][0]['pairs']} pairs, scored on the fixed "
               f"scan's native grid; {threads} threads; {time.perf_counter() - t0:.0f} s wall")
     write_text(Path(str(out) + ".txt"), header + "\n\n" + text + "\n")
@@ -428,7 +479,7 @@ def main(argv):
     from ldr_tf.data import dataset
 
     desc = dataset.load_descriptor(dataset.resolve_dataset(FLAGS.dataset, FLAGS.data_dir))
-    run(FLAGS.method, desc, FLAGS.subset, FLAGS.out, FLAGS.max_pairs, threads, FLAGS.paired)
+    run(FLAGS.method, desc, FLAGS.subset, FLAGS.out, FLAGS.max_pairs, threads, FLAGS.paired, FLAGS.baseline)
     return 0
 
 

@@ -58,11 +58,36 @@ def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, s
     saved = json.loads((tmp_path / "cmp.json").read_text())
     assert saved["methods"] == ["identity", f"student={student['export']}", f"refined={student['export']}:refine=10"]
     assert "| identity |" in (tmp_path / "cmp.txt").read_text()
+    # every other method against the first, pair by pair
+    assert [d["name"] for d in saved["differences"]] == ["student", "refined"]
+    gap = np.mean([s["dice"] - i["dice"] for s, i in zip(res["pairs"]["student"], res["pairs"]["identity"])])
+    assert saved["differences"][0]["mean"] == pytest.approx(gap)
+    assert "student - identity: " in (tmp_path / "cmp.txt").read_text()
+
+
+def test_paired_differences_over_subject_pairs():
+    def rows(dice):  # a->b and b->a are one unit, c->d and e->f one each
+        keys = [("a", "b"), ("b", "a"), ("c", "d"), ("e", "f")]
+        return [{"fixed": f, "moving": m, "dice": d} for (f, m), d in zip(keys, dice)]
+
+    x, same = compare.paired_differences({"base": rows([0.5] * 4), "x": rows([0.6, 0.8, 0.4, 0.5]),
+                                          "same": rows([0.5] * 4)}, "base")
+    assert (x["name"], x["pairs"], x["units"], x["better"]) == ("x", 4, 3, 2)
+    assert x["mean"] == pytest.approx((0.2 - 0.1 + 0.0) / 3)  # unit means +0.2, -0.1, 0
+    assert x["low"] < x["mean"] < x["high"]
+    assert same["mean"] == same["low"] == same["high"] == 0.0 and same["better"] == 0
+    one = compare.paired_differences({"base": rows([0.5] * 2), "x": rows([0.6, 0.7])}, "base")[0]
+    assert one["units"] == 1 and one["low"] is None and one["mean"] == pytest.approx(0.15)
+    assert "x - base: +0.150 Dice, higher on 2 of 2 pairs" in compare.difference_lines([one])
+    with pytest.raises(ValueError, match="--baseline 'nope': no such method"):
+        compare.paired_differences({"base": rows([0.5] * 4)}, "nope")
 
 
 def test_bad_methods(brain_like, tmp_path):
     with pytest.raises(ValueError, match="not found"):
         compare.run(["x=/nonexistent/model"], brain_like, next(iter(brain_like.subsets)), tmp_path / "c")
+    with pytest.raises(ValueError, match="--baseline 'x': no such method"):
+        compare.run(["identity"], brain_like, next(iter(brain_like.subsets)), tmp_path / "c", baseline="x")
     with pytest.raises(ValueError, match="must differ"):
         compare.run(["identity", "identity"], brain_like, next(iter(brain_like.subsets)), tmp_path / "c")
     with pytest.raises(ValueError, match=r"method r: expected <model>\[:refine=<steps>\[,<steps>\]\], got refine='x'"):
