@@ -6,7 +6,8 @@ Every command (``python -m ldr_tf.<command>``, ``python -m tools.<script>``) fol
 * exit 1: bad input (a missing or corrupt file, wrong shapes, an existing output, ...): ``<prog>: error: <message>``;
 * exit 2: a bad command line (unknown or missing flag, bad flag value, `UsageError`):
   ``<prog>: usage error: <message>``;
-* exit 130: interrupted (Ctrl-C), after the command saved what it could.
+* exit 130: interrupted (Ctrl-C, or SIGTERM: ``kill``, job schedulers, ``docker stop``), after the command saved
+  what it could and removed its half-written outputs.
 
 `run` is the entry of ``python -m`` (absl's app: flags in the global FLAGS); `run_argv` runs a command in-process
 with its own flags (tests, recipes that call a tool).
@@ -14,8 +15,11 @@ with its own flags (tests, recipes that call a tool).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 from absl import app, flags
 
@@ -79,12 +83,30 @@ def _exit_now(status) -> None:
     os._exit(code)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread, so that a command stopped by ``kill``
+    cleans up (temporary files, checkpoints) as on Ctrl-C. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(main, prog: str, fast_exit: bool = False) -> None:
     """``app.run(main)`` with the exit statuses and one-line messages above.
 
     Expected failures are `UsageError` and flag errors (exit 2), ValueError (bad arguments, bad files:
     `ldr_tf.data.dataset.DatasetError`, ...) and OSError (unreadable / unwritable paths) (exit 1), KeyboardInterrupt
-    (exit 130). `fast_exit`: end the process as soon as `main` returns or fails as above, without Python's
+    (exit 130; SIGTERM is turned into KeyboardInterrupt). `fast_exit`: end the process as soon as `main` returns or fails as above, without Python's
     interpreter shutdown (`_exit_now`), for commands that leave no file open and no thread writing when they return.
     """
 
@@ -99,7 +121,8 @@ def run(main, prog: str, fast_exit: bool = False) -> None:
 
         logging.getLogger("tensorflow").setLevel(logging.WARNING)  # TF's INFO chatter (signatures, savers)
         try:
-            status = main(argv)
+            with sigterm_as_interrupt():
+                status = main(argv)
         except (ValueError, OSError, KeyboardInterrupt) as e:
             status = report(prog, e)
             if not fast_exit:

@@ -61,3 +61,35 @@ def test_python_m_commands_share_the_convention(tmp_path):
     status, err = run(f"--checkpoint={tmp_path / 'none'}", f"--out={tmp_path / 'o'}")
     assert status == 1 and err[-1].startswith(f"ldr_tf.export: error: {tmp_path / 'none'}")
     assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_removes_half_written_outputs_and_exits_130(tmp_path):
+    """A command stopped by `kill` (SIGTERM) cleans up like Ctrl-C: its temporary file is gone, the target untouched."""
+    import signal
+    import time
+
+    target = tmp_path / "out.h5"
+    target.write_text("the user's old file")
+    script = f"""
+import sys, time
+from pathlib import Path
+from ldr_tf import cli
+from ldr_tf.atomic import atomic_path
+
+def main(argv):
+    with atomic_path({str(target)!r}) as tmp:
+        tmp.write_text("half")
+        print("writing", flush=True)
+        time.sleep(60)
+    return 0
+
+cli.run(main, "slow")
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "slow: interrupted" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5"] and target.read_text() == "the user's old file"

@@ -24,11 +24,8 @@ resumed run continues exactly where the checkpoint left it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ldr_tf import cli
 from ldr_tf.training import aldk
 from ldr_tf.ops import losses, metrics
 from ldr_tf.training import teacher_flows as teacher_lib
@@ -86,23 +84,6 @@ def make_schedule(kind: str, base: float, total_steps: int):
     if kind == "cosine":
         return keras.optimizers.schedules.CosineDecay(base, max(total_steps, 1))
     raise ValueError(f"--lr_schedule: unknown schedule {kind!r}")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (so it checkpoints like Ctrl-C)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _plain(value):
@@ -406,7 +387,7 @@ class Trainer:
         Ctrl-C (SIGINT) and SIGTERM (``kill``, job schedulers, ``docker stop``) save a checkpoint of the current step
         before the run stops (then KeyboardInterrupt propagates); resume with ``--resume``.
         """
-        with _sigterm_as_interrupt():
+        with cli.sigterm_as_interrupt():
             return self._fit(progress)
 
     def _fit(self, progress: bool) -> dict:
