@@ -60,6 +60,11 @@ def define_train_flags() -> None:
         "lr_schedule", "step", ["step", "constant", "cosine"],
         "step: RCN's schedule, 1e-4 for the first 3/5 of training then halved every 1/5; constant; cosine decay to 0.",
     )
+    flags.DEFINE_enum("similarity", "pearson", ["pearson", "lncc"],
+                      "Image term of the loss: pearson = 1 - the correlation over the whole volume (RCN's and the "
+                      "paper's); lncc = 1 - the squared local correlation in an --lncc_window^3 box (ANTs SyN's, "
+                      "VoxelMorph's, and the refinement's metric).")
+    flags.DEFINE_integer("lncc_window", 5, "Box size of --similarity=lncc, in grid voxels (odd).")
     flags.DEFINE_float("reg_weight", 1.0, "Weight of the smoothness loss of every dense stem.")
     flags.DEFINE_float("affine_weight", 0.1, "Weight of the affine determinant and orthogonality losses.")
     flags.DEFINE_string("init_from", None,

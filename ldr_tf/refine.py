@@ -7,7 +7,7 @@ Refinement starts from that flow ``u0`` and takes ``steps`` Adam steps on a corr
     - LNCC(fixed_c, warp(moving_c, u0_c + d))  +  smooth * smoothness(u0_c + d)
 
 where ``_c`` is the coarse grid (images average-pooled, ``u0_c`` the pooled flow in coarse voxels), LNCC the mean
-squared local correlation in a ``window^3`` box (the CC metric of ANTs SyN) and `smoothness` the forward-difference
+squared local correlation in a ``window^3`` box (`ldr_tf.ops.losses.local_ncc`: the CC metric of ANTs SyN) and `smoothness` the forward-difference
 smoothness of `ldr_tf.ops.losses.smoothness_loss`. The result is ``u0 + upsample(d)`` on the network's grid. The
 loop runs inside one XLA-compiled graph (one compilation per level setting and grid shape; the step count is an
 input), with Adam written out so that no optimizer state outlives a call: the same inputs give the same flow.
@@ -21,44 +21,18 @@ from __future__ import annotations
 import tensorflow as tf
 
 from ldr_tf.ops import warp
-from ldr_tf.ops.losses import smoothness_loss
+from ldr_tf.ops.losses import local_ncc, smoothness_loss
 
-__all__ = ["Refiner", "local_ncc", "refine_flow", "DEFAULTS", "LEVELS"]
+__all__ = ["Refiner", "refine_flow", "DEFAULTS", "LEVELS"]
 
 # Chosen on IXI validation pairs (brain model): Dice gain against folding and time (README, "Refinement").
 DEFAULTS = {"lr": 0.5, "smooth": 1.0, "window": 5, "factor": 2}
 # `Refiner`'s levels, coarse to fine: half resolution (the defaults), then full resolution, smoother (at full
 # resolution smoothness 1 folded 0.28 % of the grid's voxels on the validation pairs).
 LEVELS = (dict(DEFAULTS), {"lr": 0.5, "smooth": 3.0, "window": 3, "factor": 1})
-NCC_EPS = 1e-5
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-7
 _COMPILED = {}  # level settings -> compiled refine_flow (`Refiner._compiled`)
-
-
-def _box(x, window: int):
-    """Mean over a ``window^3`` box around each voxel, separable, the volume mirrored at its border (edge voxels
-    included: for ``window=3`` the edge is repeated). Explicit padding and VALID pooling: with SAME pooling XLA
-    constant-folded the border counts for seconds at every compilation."""
-    r = window // 2
-    for axis in (1, 2, 3):
-        pad = [[0, 0]] * 5
-        pad[axis] = [r, r]
-        k = [1, 1, 1, 1, 1]
-        k[axis] = window
-        x = tf.nn.avg_pool3d(tf.pad(x, pad, mode="SYMMETRIC"), k, [1, 1, 1, 1, 1], "VALID")
-    return x
-
-
-def local_ncc(fixed, warped, window: int = DEFAULTS["window"]) -> tf.Tensor:
-    """Mean over voxels and channels of the squared local correlation ``cov^2 / (var_f var_w + 1e-5)`` in a
-    ``window^3`` box (`_box`), per sample (``[B]``): about 1 where the images agree up to a local linear intensity map, 0
-    where they are unrelated or flat."""
-    mf, mw = _box(fixed, window), _box(warped, window)
-    cov = _box(fixed * warped, window) - mf * mw
-    vf = _box(fixed * fixed, window) - mf * mf
-    vw = _box(warped * warped, window) - mw * mw
-    return tf.reduce_mean(cov * cov / (vf * vw + NCC_EPS), axis=[1, 2, 3, 4])
 
 
 def refine_flow(fixed, moving, flow, steps: int, lr: float = DEFAULTS["lr"], smooth: float = DEFAULTS["smooth"],

@@ -40,7 +40,8 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
     return TrainConfig(
         model=fv.model, dataset=fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size, cascades=fv.cascades,
         affine=affine, channels=fv.channels, identity_init=fv.identity_init, student_stem=fv.student_stem, student_head=fv.student_head,
-        batch=fv.batch, steps=fv.steps, lr=fv.lr, lr_schedule=fv.lr_schedule, reg_weight=fv.reg_weight,
+        batch=fv.batch, steps=fv.steps, lr=fv.lr, lr_schedule=fv.lr_schedule, similarity=fv.similarity,
+        lncc_window=fv.lncc_window, reg_weight=fv.reg_weight,
         affine_weight=fv.affine_weight, seg_weight=fv.seg_weight, seg_labels=fv.seg_labels,
         seg_half=fv.seg_half, augment=fv.augment, init_from=fv.init_from, teacher=fv.teacher,
         teacher_cache=fv.teacher_cache,

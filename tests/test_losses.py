@@ -32,6 +32,31 @@ def test_correlation_epsilon_on_constant_image():
     np.testing.assert_allclose(L.correlation_loss(a, ramp).numpy(), 1.0, atol=1e-6)
 
 
+def test_lncc_loss_against_a_direct_computation(rng):
+    a = rng.random((2, 7, 6, 5, 1)).astype(np.float32)
+    b = rng.random((2, 7, 6, 5, 1)).astype(np.float32)
+    per = L.lncc_loss(a, b, 3, "none").numpy()
+    # by hand: the 3x3x3 box of each voxel, the volume mirrored at its border (edge voxels repeated)
+    pa = np.pad(a, [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)], mode="symmetric")
+    pb = np.pad(b, [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)], mode="symmetric")
+    ref = np.zeros(2)
+    for n in range(2):
+        vals = []
+        for x in range(7):
+            for y in range(6):
+                for z in range(5):
+                    u = pa[n, x:x + 3, y:y + 3, z:z + 3, 0].ravel().astype(np.float64)
+                    v = pb[n, x:x + 3, y:y + 3, z:z + 3, 0].ravel().astype(np.float64)
+                    cov = (u * v).mean() - u.mean() * v.mean()
+                    vals.append(cov ** 2 / (u.var() * v.var() + L.NCC_EPS))
+        ref[n] = 1 - np.mean(vals)
+    np.testing.assert_allclose(per, ref, atol=2e-4)
+    assert L.lncc_loss(a, 2 * a + 1, 3).numpy() < 0.02  # a local linear intensity change costs (almost) nothing
+    assert L.lncc_loss(a, b, 3, "sum").numpy() == pytest.approx(per.sum(), rel=1e-6)
+    with pytest.raises(ValueError, match="window: expected an odd number"):
+        L.lncc_loss(a, b, 4)
+
+
 def test_smoothness_of_a_linear_ramp():
     D, H, W = 6, 5, 4
     flow = np.zeros((1, D, H, W, 3))

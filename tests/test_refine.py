@@ -8,7 +8,8 @@ from scipy import ndimage
 
 from ldr_tf.ops import warp
 from ldr_tf.ops.losses import smoothness_loss
-from ldr_tf.refine import Refiner, local_ncc
+from ldr_tf.ops.losses import local_ncc
+from ldr_tf.refine import Refiner
 
 N = 32
 

@@ -414,3 +414,16 @@ def test_init_from_copies_another_runs_weights_and_refuses_another_network(tmp_p
         other.init_from(str(teacher_run))
     with pytest.raises(ValueError, match=r"nowhere: not found"):
         other.init_from(str(tmp_path / "nowhere"))
+
+
+def test_lncc_similarity_is_the_image_term(tmp_path, data_dir):
+    from ldr_tf.ops import losses
+
+    t = _trainer(_cfg(tmp_path / "lncc", data_dir, similarity="lncc", lncc_window=3, steps=1, lr=0.0,
+                      checkpoint_every=100), data_dir)
+    batch = next(iter(t._train_dataset(0)))
+    out = t.model(tf.concat([batch["fixed"], batch["moving"]], -1), training=False)
+    expected = float(losses.lncc_loss(batch["fixed"], out["warped"], 3))
+    history = t.fit(progress=False)  # lr 0: the step sees the same batch and weights
+    assert history["train"]["rec"] == pytest.approx(expected, rel=1e-4)
+    assert 0.0 < expected < 1.0

@@ -62,6 +62,8 @@ class TrainConfig:
     steps: int = 100_000
     lr: float = 1e-4
     lr_schedule: str = "step"
+    similarity: str = "pearson"
+    lncc_window: int = 5
     reg_weight: float = 1.0
     affine_weight: float = 0.1
     seg_weight: float = 0.0
@@ -109,6 +111,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError for inconsistent settings, naming the flag."""
+        if self.similarity not in ("pearson", "lncc"):
+            raise ValueError(f"--similarity: expected pearson or lncc, got {self.similarity!r}")
+        if self.lncc_window < 1 or self.lncc_window % 2 == 0:
+            raise ValueError(f"--lncc_window must be an odd number >= 1, got {self.lncc_window}")
         if self.cascades < 1:
             raise ValueError(f"--cascades must be >= 1, got {self.cascades}")
         if self.batch < 1:

@@ -223,7 +223,10 @@ class Trainer:
         condition = aldk.make_view(pair, cfg.critic_flow, cfg.critic_condition)
         with tf.GradientTape() as tape:
             out = self.model(pair, training=True)
-            rec = losses.correlation_loss(fixed, out["warped"], "none")
+            if cfg.similarity == "lncc":
+                rec = losses.lncc_loss(fixed, out["warped"], cfg.lncc_window, "none")
+            else:
+                rec = losses.correlation_loss(fixed, out["warped"], "none")
             reg = losses.cascade_regularisers(out, self.model.affine_stem is not None)
             regs = cfg.reg_weight * reg["smoothness"] + cfg.affine_weight * (reg["det_loss"] + reg["ortho_loss"])
             if cfg.seg_weight > 0:
