@@ -7,7 +7,7 @@ Defaults reproduce the paper's setup (128^3, batch 4, Adam 1e-4, 100k steps, RCN
 from absl import flags
 
 from flags import common_flags
-from ldr_tf.training.config import DEFAULT_DISTILL_WEIGHT, DEFAULT_STUDENT_STEM
+from ldr_tf.training.config import DEFAULT_DISTILL_WEIGHT, DEFAULT_STUDENT_STEM, SIMILARITIES
 
 PRESETS = {
     # What `make demo` uses: 64^3 synthetic data, narrow teacher, minutes on 2 cores.
@@ -60,7 +60,7 @@ def define_train_flags() -> None:
         "lr_schedule", "step", ["step", "constant", "cosine"],
         "step: RCN's schedule, 1e-4 for the first 3/5 of training then halved every 1/5; constant; cosine decay to 0.",
     )
-    flags.DEFINE_enum("similarity", "pearson", ["pearson", "lncc"],
+    flags.DEFINE_enum("similarity", "pearson", list(SIMILARITIES),
                       "Image term of the loss: pearson = 1 - the correlation over the whole volume (RCN's and the "
                       "paper's); lncc = 1 - the squared local correlation in an --lncc_window^3 box (ANTs SyN's, "
                       "VoxelMorph's, and the refinement's metric).")

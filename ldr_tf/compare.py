@@ -383,16 +383,16 @@ def paired_differences(rows: dict, baseline: str) -> list:
     Student's t over the units (None with fewer than 2). One dict per other method: ``name, baseline, mean, low,
     high, units, pairs, better`` (pairs where it scored higher).
     """
-    from ldr_tf.ablation import paired_difference
+    from ldr_tf.ablation import arm_pair_dice, paired_difference
 
     if baseline not in rows:
         raise ValueError(f"--baseline {baseline!r}: no such method (have: {', '.join(rows)})")
-    base = {(r["fixed"], r["moving"]): r["dice"] for r in rows[baseline]}
+    base = arm_pair_dice(rows, [baseline])
     out = []
     for name, r in rows.items():
-        arm = {(x["fixed"], x["moving"]): x["dice"] for x in r}
-        if name == baseline or not arm:
+        if name == baseline or not r:
             continue
+        arm = arm_pair_dice(rows, [name])
         units = {frozenset(k) for k in arm}
         if len(units) >= 2:
             d = paired_difference(arm, base)

@@ -21,7 +21,6 @@ __all__ = [
     "correlation_loss",
     "local_ncc",
     "lncc_loss",
-    "SIMILARITIES",
     "smoothness_loss",
     "affine_det_loss",
     "affine_ortho_loss",
@@ -33,7 +32,6 @@ __all__ = [
 
 DISTILL_KINDS = ("l2", "l1")
 
-SIMILARITIES = ("pearson", "lncc")
 NCC_EPS = 1e-5  # added to the product of the local variances
 PEARSON_EPS = 1e-6  # added to each variance, as in the reference implementation
 ORTHO_EPS = 1e-5  # C = A^T A + eps I

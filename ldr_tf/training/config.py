@@ -17,6 +17,7 @@ __all__ = ["TrainConfig", "load_run_config", "DEFAULT_STUDENT_STEM", "DEFAULT_DI
 
 # The default student: the light one (README, "Student variants"); every command's --student_stem defaults to it.
 DEFAULT_STUDENT_STEM = "ldr_half"
+SIMILARITIES = ("pearson", "lncc")  # the image term (--similarity): losses.correlation_loss, losses.lncc_loss
 
 # How a student learns from its teacher by default: direct distillation of the dense residual (l2, weight 0.3), without
 # ALDK. Chosen on the IXI validation pairs (README, "Distillation on IXI brains"): l2 +0.024 Dice over the plain
@@ -111,8 +112,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError for inconsistent settings, naming the flag."""
-        if self.similarity not in ("pearson", "lncc"):
-            raise ValueError(f"--similarity: expected pearson or lncc, got {self.similarity!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"--similarity: expected one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
             raise ValueError(f"--lncc_window must be an odd number >= 1, got {self.lncc_window}")
         if self.cascades < 1:
