@@ -35,10 +35,11 @@ setup(
         "scipy>=1.11",  # connected components of the label-free head box (ldr_tf.data.preprocess); test oracle
     ],
     extras_require={
-        # grpcio: the serving client tests (stand-in gRPC server)
-        "test": ["pytest>=8", "grpcio>=1.60"],
+        # grpcio: the serving client tests (stand-in gRPC server); pytest-xdist: `make test` runs the test files in
+        # 2-4 processes (tests/conftest.py), half the wall time on 2 cores (tracing is single-threaded Python)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "grpcio>=1.60"],
         # everything the optional tests need (.ci/run installs it, so that no test skips in CI)
-        "ci": ["pytest>=8", "grpcio>=1.60", "antspyx>=0.6", "itk-elastix>=0.25", "pyyaml>=6"],
+        "ci": ["pytest>=8", "pytest-xdist>=3.5", "grpcio>=1.60", "antspyx>=0.6", "itk-elastix>=0.25", "pyyaml>=6"],
         # tools/serving (gRPC client). Also run `pip install --no-deps tensorflow-serving-api==2.21.0`: listing it
         # here would pull in the full `tensorflow` wheel next to tensorflow-cpu (its metadata requires it).
         "serving": ["grpcio>=1.60"],

@@ -20,6 +20,13 @@ def pytest_configure(config):
         absl_flags.FLAGS.mark_as_parsed()
 
 
+def pytest_xdist_auto_num_workers(config):
+    """Workers for ``pytest -n auto`` (`make test`): one per CPU this process may use, at most 4 (each worker holds
+    its own TensorFlow, 1-3 GB at the peak of the export tests; more workers gain little)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
