@@ -117,3 +117,22 @@ def test_elastix_in_its_own_process_improves_on_identity(brain_like, tmp_path):
     assert s["elastix"]["folding_pct"]["mean"] == 0.0 and s["elastix"]["seconds"]["mean"] > 0
     with pytest.raises(ValueError, match="expected elastix"):
         compare.parse_method("e=elastix:warp", None, 2)
+
+
+def test_a_new_scan_shape_is_registered_once_untimed_first(brain_like, shared_student):
+    """The XLA compilations for new scan shapes stay out of the seconds: the first pair of each shape pair is
+    registered twice, the first result thrown away."""
+    from types import SimpleNamespace
+
+    from ldr_tf.data.preprocess import Preprocessing
+
+    pp = Preprocessing.from_dict(brain_like.extra["preprocessing"])
+    method = compare.Learned("student", str(shared_student["export"]), pp)
+    calls = []
+    method._register = lambda f, m: calls.append((f.image.shape, m.image.shape)) or {"seconds": len(calls)}
+    scan = lambda shape: SimpleNamespace(image=SimpleNamespace(shape=shape))  # noqa: E731
+    a, b = scan((30, 34, 28)), scan((32, 32, 32))
+    assert method.register(a, a) == {"seconds": 2}  # once untimed, then the timed call
+    assert method.register(a, a) == {"seconds": 3}
+    assert method.register(a, b) == {"seconds": 5}  # a new shape pair: twice again
+    assert len(calls) == 5
