@@ -85,18 +85,20 @@ def define_pair_flags(fv=FLAGS) -> None:
                       flag_values=fv)
     define_refine_flag(fv, "Refinement: the model's flow improved for each pair by gradient steps on the local "
                        "image correlation (ldr_tf.refine; no labels). Steps at half resolution, optionally followed "
-                       "by steps at full resolution: 50 (brain model, 2 cores: +0.11 Dice, 1.3 s per pair plus "
-                       "2.5-4 s of compilation once per process) or 50,20 (+0.14 Dice, 5-6 s per pair plus 5-6 s "
-                       "once). Empty or 0: off.")
+                       "by steps at full resolution. auto (default): the model's recommended setting "
+                       "(ldr_tf_export.json 'refine'; the brain model: 10 steps, +0.09 Dice, about 0.25 s per pair "
+                       "on 2 cores plus 3-5 s of compilation once per process), none for a model without one; 0 or "
+                       "empty: off (the network alone, fastest); 50 or 50,20: more accuracy for more time (brain "
+                       "model: +0.11 and +0.14 Dice, 1.3 and 5-6 s per pair).", default="auto")
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=fv)
 
 
-def define_refine_flag(fv, help_text: str) -> None:
-    """``--refine`` (step counts at half[,full] resolution, checked when parsed): predict, the serving client,
-    distill."""
-    flags.DEFINE_string("refine", "", help_text, flag_values=fv)
+def define_refine_flag(fv, help_text: str, default: str = "") -> None:
+    """``--refine`` (step counts at half[,full] resolution, or ``auto``: the model's recommendation; checked when
+    parsed): predict and the serving client (default ``auto``), distill (default off)."""
+    flags.DEFINE_string("refine", default, help_text, flag_values=fv)
     flags.register_validator("refine", _refine_steps_ok,
-                             message="expected 1 or 2 step counts >= 0, comma-separated (e.g. 50 or 50,20)",
+                             message="expected auto or 1 or 2 step counts >= 0, comma-separated (e.g. 10 or 50,20)",
                              flag_values=fv)
 
 
@@ -105,9 +107,25 @@ def refine_steps(value: str) -> list:
     return [int(v) for v in value.split(",")] if value.strip() else []
 
 
-def refiner_from_flags(fv):
-    """The `ldr_tf.refine.Refiner` that ``--refine`` asks for, or None (imports TensorFlow when it is on)."""
-    steps = refine_steps(fv.refine)
+def recommended_refine(metadata: dict | None) -> list:
+    """The refinement an export recommends (its metadata's ``refine.steps``, written by ``tools.ship_pretrained
+    --refine``), ``[]`` when it has none; ValueError for a malformed entry."""
+    entry = (metadata or {}).get("refine")
+    if entry is None:
+        return []
+    steps = entry.get("steps") if isinstance(entry, dict) else None
+    if (not isinstance(steps, list) or len(steps) > 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps)):
+        raise ValueError(f"the model's metadata 'refine' entry is malformed (expected {{\"steps\": [n] or [n, m]}}, "
+                         f"got {entry!r})")
+    return list(steps)
+
+
+def refiner_from_flags(fv, metadata: dict | None = None):
+    """The `ldr_tf.refine.Refiner` that ``--refine`` asks for (``auto``: `recommended_refine` of the model's
+    `metadata`), or None (imports TensorFlow when it is on)."""
+    value = getattr(fv, "refine")
+    steps = recommended_refine(metadata) if value.strip() == "auto" else refine_steps(value)
     if not any(steps):
         return None
     from ldr_tf.refine import Refiner
@@ -116,6 +134,8 @@ def refiner_from_flags(fv):
 
 
 def _refine_steps_ok(value) -> bool:
+    if value.strip() == "auto":
+        return True
     try:
         steps = refine_steps(value)
     except ValueError:
@@ -261,7 +281,7 @@ def _main(fv) -> int:
     from ldr_tf.deploy.loader import inference_only, open_registrar
 
     inference_only()
-    refiner = refiner_from_flags(fv)
+    refiner = refiner_from_flags(fv, metadata)
     if loaded is not None:
         if first is None:  # a batch: the XLA-compiled resampler pays off from the second scan on
             first = reader.submit(_prepare, loaded, spec, "xla", True)

@@ -154,6 +154,21 @@ def test_brain_recipe_without_label_maps_falls_back_to_whole_scans(student, scan
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_refine_auto_takes_the_models_recommendation():
+    """--refine=auto (the default): the export's recommended steps (metadata ``refine.steps``), none without one;
+    explicit counts and 0 win over it; a malformed entry is a one-line error."""
+    from types import SimpleNamespace
+
+    recommends = {"refine": {"steps": [3]}}
+    assert predict.refiner_from_flags(SimpleNamespace(refine="auto"), recommends).steps == [3]
+    assert predict.refiner_from_flags(SimpleNamespace(refine="auto"), {}) is None
+    assert predict.refiner_from_flags(SimpleNamespace(refine="0"), recommends) is None
+    assert predict.refiner_from_flags(SimpleNamespace(refine="5,2"), recommends).steps == [5, 2]
+    with pytest.raises(ValueError, match="'refine' entry is malformed"):
+        predict.recommended_refine({"refine": {"steps": ["10"]}})
+    assert predict._refine_steps_ok("auto") and not predict._refine_steps_ok("automatic")
+
+
 def test_refine_improves_the_image_match_and_is_recorded(student, scans, tmp_path, capsys):
     # --refine: the flow refined for the pair (ldr_tf.refine), the same in one-pair and batch runs (where its
     # compilation is part of the warm-up); settings and time in result.json; a bad value: one line, exit 1
@@ -179,8 +194,8 @@ def test_refine_improves_the_image_match_and_is_recorded(student, scans, tmp_pat
     assert predict.run(["predict", f"--model={student['export']}", f"--pairs={csv}", f"--out_dir={batch}",
                         "--preprocessing=none", "--refine=8,2"]) == 0
     np.testing.assert_allclose(np.asarray(nib.load(str(batch / "a" / "flow_vox.nii")).dataobj), flows[1], atol=1e-3)
-    for bad, why in (("-2", "expected 1 or 2 step counts >= 0"), ("5,x", "expected 1 or 2 step counts >= 0"),
-                     ("1,2,3", "expected 1 or 2 step counts >= 0")):
+    for bad, why in (("-2", "expected auto or 1 or 2 step counts >= 0"), ("5,x", "expected auto or 1 or 2 step counts"),
+                     ("1,2,3", "expected auto or 1 or 2 step counts >= 0")):
         assert predict.run(_args(student, scans, tmp_path / "bad", f"--refine={bad}", segs=False)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--refine={bad}: {why}" in err[0], err
@@ -371,7 +386,9 @@ def test_cli_subprocess_registers_like_the_library_without_keras(student, scans,
     for name in ("flow_vox.nii", "warped.nii.gz", "warped_seg.nii.gz"):
         a = np.asarray(nib.load(str(tmp_path / "cli" / name)).dataobj)
         b = np.asarray(nib.load(str(tmp_path / "lib" / name)).dataobj)
-        np.testing.assert_allclose(a, b, atol=1e-4)
+        # (two processes: oneDNN's thread-dependent summation order moves the flow by ~1e-6 voxel, which the
+        # phantom's sharp edges turn into up to ~4e-4 of intensity when other work shares the cores)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 if name == "warped.nii.gz" else 1e-4)
     dice = [json.loads((tmp_path / d / "result.json").read_text())["dice"] for d in ("cli", "lib")]
     assert dice[0] == pytest.approx(dice[1], abs=1e-4)
 

@@ -88,6 +88,8 @@ def test_shipped_brain_model_improves_a_real_pair(name, shared_data, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert "labels" not in result["preprocessing"]["crop"]
     assert result["dice"] > result["dice_before"] + 0.1, (result["dice_before"], result["dice"])
+    # --refine=auto (the default): the model's recommended refinement ran
+    assert [lv["steps"] for lv in result["model"]["refine"]["levels"]] == [10] and result["seconds"]["refine"] > 0
 
 
 def test_ship_a_run_as_a_pretrained_model(tmp_path, monkeypatch):
@@ -109,10 +111,15 @@ def test_ship_a_run_as_a_pretrained_model(tmp_path, monkeypatch):
     ship_pretrained.ship(str(run), "brain", {**card, "summary": "v2"})  # replaces the first version
     assert pretrained.card("brain")["summary"] == "v2"
     assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == ["brain-student"]
-    # an export (here the shipped model itself) is written again in the current format, keeping its card
-    again = ship_pretrained.ship(str(dest), "brain", {})
+    assert "refine" not in json.loads((dest / "ldr_tf_export.json").read_text())
+    # an export (here the shipped model itself) is written again in the current format, keeping its card; --refine
+    # records what predict --refine=auto applies, and a later re-export keeps it
+    again = ship_pretrained.ship(str(dest), "brain", {}, refine=[10])
     meta = json.loads((again / "ldr_tf_export.json").read_text())
     assert meta["card"]["summary"] == "v2" and "reexported_from" not in meta and meta["checkpoint"] == "ckpt-1"
+    assert meta["refine"]["steps"] == [10]
+    again = ship_pretrained.ship(str(again), "brain", {})
+    assert json.loads((again / "ldr_tf_export.json").read_text())["refine"]["steps"] == [10]
     with pytest.raises(ValueError, match="--step chooses a checkpoint"):
         ship_pretrained.ship(str(dest), "brain", {}, step=1)
     monkeypatch.setattr(ship_pretrained, "LIMIT_MB", 0.01)

@@ -10,7 +10,8 @@ again in the current export format (``ldr_tf.export --saved_model``), keeping it
 Exports the run's latest checkpoint (or ``--step``) with ``ldr_tf.export``, removes this machine's paths from the
 metadata (the checkpoint and dataset paths become file names), adds the model card read from ``--card`` (a JSON
 object: ``summary``, ``data``, ``training``, ``scores``, ``intended_use``, ``limits``, ...) and replaces
-``ldr_tf/pretrained/<folder>/`` in one rename. Refuses when the pretrained models would exceed 40 MB in total.
+``ldr_tf/pretrained/<folder>/`` in one rename. ``--refine=10`` records the refinement that ``predict`` applies by
+default with this model (``--refine=auto``). Refuses when the pretrained models would exceed 40 MB in total.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def ship(run: str, name: str, card: dict, step: int | None = None) -> Path:
+def ship(run: str, name: str, card: dict, step: int | None = None, refine: list | None = None) -> Path:
+    """Exports `run` into the package as `name` (module docstring). `refine`: the refinement ``predict
+    --refine=auto`` applies (step counts, ``[]``: none), stored as the metadata's ``refine.steps``; None keeps the
+    source export's."""
     from ldr_tf import pretrained
     from ldr_tf.deploy import savedmodel
     from ldr_tf.atomic import write_json
@@ -56,6 +60,11 @@ def ship(run: str, name: str, card: dict, step: int | None = None) -> Path:
             meta["training_data"] = {**data, "path": Path(data["path"]).name}
         if card or "card" not in meta:
             meta["card"] = card
+        if refine is not None:
+            if any(refine):
+                meta["refine"] = {**(meta.get("refine") or {}), "steps": [int(n) for n in refine]}
+            else:
+                meta.pop("refine", None)
         write_json(meta, out / savedmodel.METADATA)
         others = sum(folder_mb(p) for n, p in pretrained.installed().items() if n != name)
         total = others + folder_mb(out)
@@ -82,7 +91,9 @@ def main(argv):
             raise ValueError(f"{FLAGS.card}: unreadable model card ({' '.join(str(e).split())})") from None
         if not isinstance(card, dict):
             raise ValueError(f"{FLAGS.card}: the model card must be a JSON object")
-    ship(FLAGS.run, FLAGS.name, card, FLAGS.step)
+    from ldr_tf.predict import refine_steps
+
+    ship(FLAGS.run, FLAGS.name, card, FLAGS.step, None if FLAGS.refine is None else refine_steps(FLAGS.refine))
     return 0
 
 
@@ -91,4 +102,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("name", None, "Pretrained name (ldr_tf.pretrained.MODELS).")
     flags.DEFINE_string("card", None, "Model card JSON file.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("refine", None, "The refinement predict --refine=auto applies with this model (e.g. 10 or "
+                        "50,20; 0: none). Default: the source export's.")
     cli.run(main, "tools.ship_pretrained")

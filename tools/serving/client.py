@@ -253,7 +253,7 @@ def _main(fv) -> int:
         info = {k: meta.get(k) for k in ("model", "aldk", "cascades", "parameters", "trained_steps", "xla_warp")}
         info.update(server=fv.server, protocol=fv.protocol, model_name=fv.model_name, version=fv.model_version)
         # --refine runs here, on the client's CPU, on the flow the server returned
-        predictor = native.Predictor(remote, spec, info, predict_lib.refiner_from_flags(fv))
+        predictor = native.Predictor(remote, spec, info, predict_lib.refiner_from_flags(fv, meta))
         if fv.warmup:
             predictor.warmup()
         results = native.run_pairs(predictor, pairs, out_dir, fv.mm, fv.overwrite, prog=PROG)
