@@ -124,7 +124,7 @@ def recommended_refine(metadata: dict | None) -> list:
 def refiner_from_flags(fv, metadata: dict | None = None):
     """The `ldr_tf.refine.Refiner` that ``--refine`` asks for (``auto``: `recommended_refine` of the model's
     `metadata`), or None (imports TensorFlow when it is on)."""
-    value = getattr(fv, "refine")
+    value = fv.refine
     steps = recommended_refine(metadata) if value.strip() == "auto" else refine_steps(value)
     if not any(steps):
         return None
