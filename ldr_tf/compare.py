@@ -189,13 +189,11 @@ class Learned(Method):
             flow = np.asarray(self.refiner(f_in, m_in, flow))
         model_s = time.perf_counter() - t_model
         # end to end: preprocessing + model + the flow on the fixed scan's native grid (the output `predict` writes;
-        # ANTs' figure is its registration call, which returns the transforms). The moving labels are warped after
-        # the clock stops, as ANTs' are: label resampling is the scoring's, on both sides.
-        geoms = pair["fixed_geom"], pair["moving_geom"]
-        field = pull_back(*geoms, flow[0])["vox"]
+        # ANTs' figure is its registration call, which returns the transforms). `score` warps the moving labels
+        # to these positions after the clock stops, as it does for every method returning coordinates.
+        field = pull_back(pair["fixed_geom"], pair["moving_geom"], flow[0])["vox"]
         seconds = time.perf_counter() - t
-        labels = pull_back(*geoms, flow[0], labels=np.asarray(moving.labels.dataobj))["warped_labels"]
-        return {"labels": labels, "jac_field": field, "seconds": seconds, "model_seconds": model_s}
+        return {"coords": _grid(fixed.image.shape) + field, "seconds": seconds, "model_seconds": model_s}
 
 
 class Ants(Method):
