@@ -232,11 +232,11 @@ def _before(first) -> None:
         add_before(pair["prepared"], pair, compiled=False)
 
 
-def _compile(loaded, grid, mm: bool) -> None:
-    """Compiles the pull-back for the pair of a `load_pair` future."""
-    pair = _done_or_none(loaded)
+def _compile(prepared, mm: bool) -> None:
+    """Compiles the pull-back for the pair of a `_prepare` future."""
+    pair = _done_or_none(prepared)
     if pair is not None:
-        compile_for(pair, grid, mm)
+        compile_for(pair, mm)
 
 
 def _main(fv) -> int:
@@ -296,7 +296,7 @@ def _main(fv) -> int:
         # compilations run one after the other).
         if refiner is not None and single:  # (a batch compiles it in its warm-up call)
             waits.append(reader.submit(refiner.compile, spec.grid_size))
-        waits.append(reader.submit(_compile, loaded, spec.grid_size, fv.mm))
+        waits.append(reader.submit(_compile, first, fv.mm))
         reader.shutdown(wait=False)
     spec = resolve_preprocessing(fv.preprocessing, registrar.metadata, registrar.image_size, fv.no_crop)
     info = {k: registrar.metadata.get(k) for k in ("model", "aldk", "cascades", "parameters", "trained_steps",

@@ -16,6 +16,16 @@ def _matrix(rng, scale=(1.3, 0.8, 1.1)):
     return a
 
 
+def _aligned_matrix(rng, perm, scale):
+    """grid voxel -> source voxel: grid axis a along source axis perm[a], flipped where scale < 0, shifted."""
+    a = np.eye(4)
+    a[:3, :3] = 0.0
+    for g, (k, s) in enumerate(zip(perm, scale)):
+        a[k, g] = s
+    a[:3, 3] = rng.uniform(-2, 2, 3) + np.where(np.asarray(scale)[np.argsort(perm)] < 0, 10.0, 0.0)
+    return a
+
+
 def _positions(m, shape):
     g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
     return g @ m[:3, :3].T + m[:3, 3]
@@ -25,10 +35,12 @@ def _outside(q, shape):
     return np.any((q < -0.5) | (q > np.asarray(shape) - 0.5), axis=-1)
 
 
-@pytest.mark.parametrize("max_voxels,compiled", [(sampling.CHUNK_VOXELS, True), (97, True), (97, False)])
-def test_sample_affine_linear_matches_scipy_and_fills_outside(rng, max_voxels, compiled):
+@pytest.mark.parametrize("max_voxels,compiled,aligned", [(None, True, False), (97, True, False), (97, False, False),
+                                                        (None, True, True), (97, True, True), (97, False, True)])
+def test_sample_affine_linear_matches_scipy_and_fills_outside(rng, max_voxels, compiled, aligned):
     vol = rng.random((13, 11, 9)).astype(np.float32)
-    m = _matrix(rng)
+    m = _aligned_matrix(rng, (1, 2, 0), (1.3, -0.8, 1.1)) if aligned else _matrix(rng)
+    assert (sampling._aligned(m) is not None) == aligned
     out_shape = (10, 12, 8)
     got = sampling.sample_affine(vol, m, out_shape, fill=-7.0, max_voxels=max_voxels, compiled=compiled)
     q = _positions(m, out_shape)
@@ -41,10 +53,10 @@ def test_sample_affine_linear_matches_scipy_and_fills_outside(rng, max_voxels, c
 
 def test_sample_affine_channels_and_labels(rng):
     vol = rng.random((9, 8, 7, 2)).astype(np.float32)
-    m = _matrix(rng, (0.9, 1.0, 1.1))
-    got = sampling.sample_affine(vol, m, (6, 6, 6))
-    for c in range(2):
-        np.testing.assert_allclose(got[..., c], sampling.sample_affine(vol[..., c], m, (6, 6, 6)), atol=1e-6)
+    for m in (_aligned_matrix(rng, (2, 0, 1), (0.9, 1.0, -1.1)), _matrix(rng, (0.9, 1.0, 1.1))):
+        got = sampling.sample_affine(vol, m, (6, 6, 6))
+        for c in range(2):
+            np.testing.assert_allclose(got[..., c], sampling.sample_affine(vol[..., c], m, (6, 6, 6)), atol=1e-6)
     labels = rng.integers(0, 4, (9, 8, 7)).astype(np.int32)
     q = _positions(m, (6, 6, 6)).astype(np.float32)
     for mode, method in (("labels", "linear"), ("nearest", "nearest")):
@@ -57,16 +69,22 @@ def test_sample_affine_channels_and_labels(rng):
         sampling.sample_affine(vol[..., 0], m, (4, 4, 4), mode="labels")
 
 
-def test_pull_back_matches_the_float64_formulas(rng):
-    grid = (8, 8, 8)
-    fixed = Geometry(_matrix(rng, (1.5, 1.7, 1.2)), grid, (11, 13, 9), np.diag([1.0, 1.2, 0.9, 1.0]))
+@pytest.mark.parametrize("aligned,max_voxels", [(False, 300), (True, 300), (True, None)])
+def test_pull_back_matches_the_float64_formulas(rng, aligned, max_voxels):
+    grid = (8, 9, 7)
+    if aligned:  # as every grid ldr_tf.data.preprocess builds: the separable path (`_aligned_slab`)
+        to_source = _aligned_matrix(rng, (2, 0, 1), (1.4, -1.7, 1.2))
+    else:
+        to_source = _matrix(rng, (1.5, 1.7, 1.2))
+    fixed = Geometry(to_source, grid, (11, 13, 9), np.diag([1.0, 1.2, 0.9, 1.0]))
+    assert (sampling._aligned(fixed.source_to_grid) is not None) == aligned
     moving = Geometry(_matrix(rng, (1.4, 1.6, 1.3)), grid, (12, 10, 11), _matrix(rng, (0.8, 1.1, 1.0)))
     flow = rng.normal(0, 1.0, grid + (3,)).astype(np.float32)
     image = rng.random(moving.source_shape).astype(np.float32)
     labels = rng.integers(0, 5, moving.source_shape).astype(np.int32)
-    # compiled ahead from the shapes alone (as ldr_tf.predict does while the model loads), then used
-    sampling.compile_pull_back(fixed.source_shape, grid, moving.source_shape, labels=True, mm=True, max_voxels=300)
-    got = sampling.pull_back(fixed, moving, flow, image=image, labels=labels, mm=True, max_voxels=300)
+    # compiled ahead (as ldr_tf.predict does while the model loads), then used; 300 voxels: several slabs
+    sampling.compile_pull_back(fixed, moving, labels=True, mm=True, max_voxels=max_voxels)
+    got = sampling.pull_back(fixed, moving, flow, image=image, labels=labels, mm=True, max_voxels=max_voxels)
 
     p = _positions(np.eye(4), fixed.source_shape)
     g = p @ fixed.source_to_grid[:3, :3].T + fixed.source_to_grid[:3, 3]
@@ -165,7 +183,9 @@ def test_compiled_helpers_are_traced_without_autograph():
     these functions have only Python control flow, so every XLA helper is traced with ``autograph=False``."""
     import tensorflow as tf
 
-    helpers = [sampling._affine_slab, sampling._pull_slab, sampling._points_slab, warp._sample_linear_xla,
+    helpers = [sampling._affine_slab, sampling._aligned_affine_slab, sampling._pull_slab, sampling._aligned_slab,
+               sampling._points_slab,
+               warp._sample_linear_xla,
                warp._sample_labels_xla, warp._affine_field_xla, warp._upsample2_xla]
     assert [getattr(f, "_autograph", None) for f in helpers] == [False] * len(helpers)
     found = [name for mod in (sampling, warp) for name, v in vars(mod).items()

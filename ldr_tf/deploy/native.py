@@ -169,14 +169,15 @@ def add_before(prepared: dict, loaded: dict, compiled: bool = True) -> dict:
     return prepared
 
 
-def compile_for(loaded: dict, grid, mm: bool = False) -> None:
-    """Compiles the pull-back sampler (`ldr_tf.ops.sampling.compile_pull_back`) for a loaded pair's shapes, as
-    `Predictor.start` will call it (the moving scan, its labels if any, millimetres if `mm`): a thread pays the
-    compilation while the model loads."""
+def compile_for(pair: dict, mm: bool = False) -> None:
+    """Compiles the pull-back (`ldr_tf.ops.sampling.compile_pull_back`) for a pair put on the grid (a `load_pair`
+    result with its `prepare_pair` result under ``"prepared"``), as `Predictor.start` will call it (the moving
+    scan, its labels if any, millimetres if `mm`): a thread pays the compilation while the model loads."""
     from ldr_tf.ops.sampling import compile_pull_back
 
-    compile_pull_back(loaded["fixed"].shape[:3], grid, loaded["moving"].shape[:3], image=True,
-                      labels=loaded["moving_seg"] is not None, mm=mm)
+    prepared = pair["prepared"]
+    compile_pull_back(prepared["fixed_geom"], prepared["moving_geom"], image=True,
+                      labels=pair["moving_seg"] is not None, mm=mm)
 
 
 def load_pair(fixed: str, moving: str, moving_seg: str | None = None, fixed_seg: str | None = None,

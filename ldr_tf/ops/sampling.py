@@ -32,6 +32,7 @@ from ldr_tf.ops import warp
 __all__ = ["sample_affine", "pull_back", "compile_pull_back", "sample_points", "CHUNK_VOXELS"]
 
 CHUNK_VOXELS = 1 << 20  # voxels per slab (1M: ~12 MB per float32 [slab, 3] coordinate tensor; 4M was slower)
+ALIGNED_CHUNK_VOXELS = 1 << 22  # voxels per slab of the aligned pull-back (`pull_back`)
 _MODES = ("linear", "labels", "nearest")
 
 
@@ -71,6 +72,39 @@ def _affine_slab(volume, matrix, start, rows: int, ny: int, nz: int, mode: str, 
     return tf.where(inside, out, tf.cast(fill, out.dtype))
 
 
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _aligned_affine_slab(volume, corners, inside, perm: tuple, fill):
+    # `_affine_slab` (linear) for a matrix that maps every output axis to one volume axis (`_aligned`): three 1-D
+    # interpolations of whole slices. corners[a]: the `_axis_corners` of volume axis a over output axis perm[a];
+    # inside[a]: whether those positions are within half a voxel of the volume.
+    x = volume  # [X, Y, Z, C]
+    mask = None
+    for a in range(3):
+        i0, i1, w = corners[a]
+        lo, hi = tf.gather(x, i0, axis=a), tf.gather(x, i1, axis=a)
+        shape = [1, 1, 1, 1]
+        shape[a] = -1
+        x = lo + tf.reshape(w, shape) * (hi - lo)
+        m = tf.reshape(inside[a], shape)
+        mask = m if mask is None else mask & m
+    x = tf.where(mask, x, fill)
+    axis_of = {perm[a]: a for a in range(3)}  # output axis -> the array axis that now holds it
+    return tf.transpose(x, [axis_of[0], axis_of[1], axis_of[2], 3])
+
+
+def _aligned_affine_corners(aligned, volume_shape, out_shape, start: int, rows: int):
+    """The inputs of `_aligned_affine_slab` for output rows ``start .. start + rows`` of the first axis."""
+    perm, scale, offset = aligned
+    corners, inside = [], []
+    for a in range(3):
+        b = perm[a]
+        index = np.arange(start, start + rows) if b == 0 else np.arange(out_shape[b])
+        pos, c = _axis_corners(scale[a], offset[a], index, volume_shape[a])
+        corners.append([tf.constant(v) for v in c])
+        inside.append(tf.constant((pos >= -0.5 - 1e-4) & (pos <= volume_shape[a] - 0.5 + 1e-4)))
+    return corners, inside
+
+
 def _slabs(shape, max_voxels: int):
     nx, ny, nz = (int(s) for s in shape)
     rows = max(1, min(nx, max_voxels // max(1, ny * nz)))
@@ -78,7 +112,7 @@ def _slabs(shape, max_voxels: int):
         yield start, rows, min(rows, nx - start)
 
 
-def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_voxels: int = CHUNK_VOXELS,
+def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_voxels: int | None = None,
                   compiled: bool = True):
     """Samples `volume` at ``matrix @ (i, j, k, 1)`` for every voxel of an output grid of `out_shape`.
 
@@ -89,13 +123,19 @@ def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_v
       mode: ``"linear"`` (trilinear, float32 out), ``"labels"`` (label vote: the label with the largest trilinear
         weight, `ldr_tf.ops.warp.warp_labels`; int32 out) or ``"nearest"`` (int32 out).
       fill: value where the position is more than half a voxel outside `volume`.
-      max_voxels: slab size (output voxels per compiled call).
+      max_voxels: slab size (output voxels per compiled call; default `ALIGNED_CHUNK_VOXELS` for the aligned path
+        below, `CHUNK_VOXELS` otherwise).
       compiled: run the XLA-compiled sampler (fast once compiled; each new volume/slab shape and mode compiles once,
         0.6-1.8 s on 2 cores). False runs the same ops eagerly, with no compilation: slower per call (0.2-0.4 s
         for a 128^3 output instead of 0.03) but faster for a one-off call, e.g. one pair in ``ldr_tf.predict``.
 
     Returns:
       ``out_shape`` (+ ``[C]``) float32 (linear) or int32 array.
+
+    When `matrix` maps every output axis onto one axis of `volume` (`_aligned`: a permutation, flips, scalings, as
+    every grid of `ldr_tf.data.preprocess`), linear sampling is three 1-D interpolations of whole slices: a
+    128^3 grid from a 120x120x90 scan in ~10 ms instead of 41 ms on 2 cores (Zen 3). Same results to float32
+    round-off (tested).
     """
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {', '.join(_MODES)}, got {mode!r}")
@@ -112,8 +152,16 @@ def sample_affine(volume, matrix, out_shape, mode: str = "linear", fill=0, max_v
     chan = () if squeeze else tuple(vol.shape[3:])
     out = np.empty(out_shape + chan, np.float32 if mode == "linear" else np.int32)
     ny, nz = out_shape[1], out_shape[2]
+    aligned = _aligned(matrix) if mode == "linear" else None
+    if aligned is not None:  # separable: three 1-D interpolations (`_aligned_affine_slab`)
+        slab = _aligned_affine_slab if compiled else _aligned_affine_slab.python_function
+        for start, rows, n in _aligned_slabs(*out_shape, max_voxels or ALIGNED_CHUNK_VOXELS):
+            corners, inside = _aligned_affine_corners(aligned, vol.shape[:3], out_shape, start, rows)
+            val = slab(vol, corners, inside, aligned[0], tf.constant(fill, tf.float32)).numpy()
+            out[start:start + n] = val[:n, ..., 0] if squeeze else val[:n]
+        return out
     slab = _affine_slab if compiled else _affine_slab.python_function
-    for start, rows, n in _slabs(out_shape, max_voxels):
+    for start, rows, n in _slabs(out_shape, max_voxels or CHUNK_VOXELS):
         val = slab(vol, m, tf.constant(start, tf.int32), rows, ny, nz, mode, tf.constant(fill, tf.float32)).numpy()
         out[start:start + n] = val[:n, ..., 0] if squeeze else val[:n]
     return out
@@ -156,26 +204,122 @@ def _pull_slab(flow, to_grid, moving_to_source, fixed_affine, moving_affine, sta
     return {k: _fortran(v) for k, v in out.items()}
 
 
-def compile_pull_back(fixed_shape, grid_shape, moving_shape, image: bool = True, labels: bool = False,
-                      mm: bool = False, label_mode: str = "labels", max_voxels: int = CHUNK_VOXELS) -> None:
-    """Compiles `pull_back` for these shapes (one slab on zeros), e.g. in a thread while a model loads.
+def _aligned(matrix, tol: float = 1e-7):
+    """``(perm, scale, offset)`` when the 4x4 `matrix` maps every input axis to one output axis (a permutation with
+    flips and scalings, no rotation or shear), so that output coordinate ``a`` = ``scale[a] * p[perm[a]] +
+    offset[a]``; None otherwise. Every grid `ldr_tf.data.preprocess` builds is such a map of its scan (a
+    reorientation, then an isotropic scaling)."""
+    m = np.asarray(matrix, np.float64)
+    a = m[:3, :3]
+    big = np.abs(a) > tol * max(float(np.abs(a).max()), 1e-300)
+    if not (np.all(big.sum(0) == 1) and np.all(big.sum(1) == 1)):
+        return None
+    perm = tuple(int(c) for c in big.argmax(1))
+    return perm, a[np.arange(3), perm], m[:3, 3]
 
-    Only the shapes matter (the fixed scan's, the network grid's, the moving scan's): the geometries' matrices are
-    arguments of the compiled function, so this can run as soon as the NIfTI headers are read.
-    """
-    shape = tuple(int(s) for s in fixed_shape)
-    start, rows, _ = next(_slabs(shape[::-1], max_voxels))  # slabs along the last axis
-    zeros = lambda s, dt: tf.zeros(s, dt)  # noqa: E731
-    mov = tuple(int(s) for s in moving_shape)[::-1]  # transposed, as pull_back passes them
-    img = zeros(mov + (1,), tf.float32) if image else None
-    lab = zeros(mov, tf.int32) if labels else None
-    eye = tf.eye(4)
-    _pull_slab(zeros(tuple(int(s) for s in grid_shape)[::-1] + (3,), tf.float32), eye, eye, eye, eye,
-               tf.constant(start, tf.int32), rows, shape[0], shape[1], img, lab, mm, label_mode)
+
+def _axis_corners(scale, offset, index, n_grid: int):
+    """Along one grid axis: for the source indices `index`, the grid position ``scale * index + offset`` (float64)
+    and its two linear-interpolation corners and weight, border-clamped as `ldr_tf.ops.warp` samples."""
+    g = scale * np.asarray(index, np.float64) + offset
+    c = np.clip(g, 0.0, n_grid - 1.0)
+    i0 = np.floor(c)
+    i1 = np.minimum(i0 + 1.0, n_grid - 1.0)
+    return g, [i0.astype(np.int32), i1.astype(np.int32), (c - i0).astype(np.float32)]
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _aligned_slab(flow, corners, fields, perm: tuple, image, labels, label_mode: str):
+    # `_pull_slab` for a fixed grid aligned with its scan (`_aligned`): trilinear interpolation is then separable,
+    # three 1-D interpolations of whole slices (gathers of rows, not of 8 corners per voxel). corners[a]: the
+    # `_axis_corners` of grid axis a over source axis perm[a] (the last source axis's cut to this slab's rows).
+    # Every output is an affine function of the interpolated flow d and of the source position, separable in the
+    # latter: fields[name] = (L, t, terms), value = L d + t + sum_a terms[a] (one vector per index of grid axis
+    # a), computed by `_aligned_fields`. Arithmetic in the grid's axis order, channels last; one transposition at
+    # the end to the C layout [.., Z, Y, X] of the Fortran-order scan (as `_pull_slab`'s).
+    x = flow  # [D, H, W, 3]
+    for a in range(3):
+        i0, i1, w = corners[a]
+        lo, hi = tf.gather(x, i0, axis=a), tf.gather(x, i1, axis=a)
+        shape = [1, 1, 1, 1]
+        shape[a] = -1
+        x = lo + tf.reshape(w, shape) * (hi - lo)
+    axis_of = {perm[a]: a for a in range(3)}  # source axis -> grid axis
+    zyx = [axis_of[2], axis_of[1], axis_of[0]]
+    out = {}
+    flat = tf.reshape(x, [-1, 3])
+    for name, (lin, t, terms) in fields.items():
+        # a matrix product, not three channel slices: XLA fused the interpolation into each slice, three times
+        y = tf.reshape(tf.matmul(flat, lin, transpose_b=True), tf.shape(x)) + t
+        for a in range(3):
+            shape = [1, 1, 1, 3]
+            shape[a] = -1
+            y += tf.reshape(terms[a], shape)
+        out[name] = tf.transpose(y, [3] + zyx) if name != "q" else tf.reverse(tf.transpose(y, zyx + [3]), [-1])
+    q_t = out.pop("q", None)  # [Z, Y, X, 3]: the moving voxel, components reversed for the transposed scan
+    if image is not None:
+        out["warped"] = tf.where(_inside(q_t, tf.shape(image)[:3]), _sample(image, q_t, "linear")[..., 0], 0.0)
+    if labels is not None:
+        out["warped_labels"] = tf.where(_inside(q_t, tf.shape(labels)), _sample(labels, q_t, label_mode), 0)
+    return out
+
+
+def _aligned_slabs(n0: int, n1: int, n2: int, max_voxels: int):
+    """Equal slabs along the first axis of an ``n0 x n1 x n2`` grid (the last one padded): ``(start, rows, n)``, as
+    few as `max_voxels` per slab allows."""
+    count = -(-n0 * n1 * n2 // max(1, max_voxels))
+    rows = -(-n0 // max(1, count))
+    for start in range(0, n0, rows):
+        yield start, rows, min(rows, n0 - start)
+
+
+def _aligned_fields(aligned, fixed, moving, start: int, rows: int, mm: bool, sample: bool):
+    """The inputs of `_aligned_slab` for the slab of source rows ``start .. start + rows`` of the last axis (a
+    padded last slab's extra rows are computed and dropped): the corners, and the affine maps (float64 here) of
+    ``vox = M (g + d) - p``, ``mm = A_moving M (g + d) - A_fixed p`` (constant terms folded) and, when the scan or
+    its labels are sampled, ``q = M (g + d)``; ``M`` = moving grid -> moving voxel, ``g`` the grid position of
+    source voxel ``p``, ``d`` the flow there."""
+    perm, scale, offset = aligned
+    m = np.asarray(moving.grid_to_source, np.float64)
+    a_f, a_m = (np.asarray(x, np.float64) for x in (fixed.source_affine, moving.source_affine))
+    corners, g, idx = [], [], []
+    for a in range(3):
+        k = perm[a]
+        index = np.arange(start, start + rows) if k == 2 else np.arange(fixed.source_shape[k])
+        pos, c = _axis_corners(scale[a], offset[a], index, fixed.grid_shape[a])
+        corners.append(c)
+        g.append(pos)
+        idx.append(index.astype(np.float64))
+
+    def field(lin, const, pos_matrix):  # lin d + const + sum_a (lin[:, a] g_a - pos_matrix[:, perm a] p_perm a)
+        terms = [np.outer(g[a], lin[:, a]) - np.outer(idx[a], pos_matrix[:, perm[a]]) for a in range(3)]
+        return [lin, const, terms]
+
+    fields = {"vox": field(m[:3, :3], m[:3, 3], np.eye(3))}
+    if mm:
+        lin = a_m[:3, :3] @ m[:3, :3]
+        fields["mm"] = field(lin, a_m[:3, :3] @ m[:3, 3] + a_m[:3, 3] - a_f[:3, 3], a_f[:3, :3])
+    if sample:
+        fields["q"] = field(m[:3, :3], m[:3, 3], np.zeros((3, 3)))
+    f32 = lambda v: tf.constant(np.asarray(v, np.float32))  # noqa: E731
+    fields = {k: [f32(lin), f32(t), [f32(x) for x in terms]] for k, (lin, t, terms) in fields.items()}
+    return [[tf.constant(v) for v in c] for c in corners], fields
+
+
+def compile_pull_back(fixed, moving=None, image: bool = True, labels: bool = False, mm: bool = False,
+                      label_mode: str = "labels", max_voxels: int | None = None) -> None:
+    """Compiles `pull_back` for a pair's geometries (`ldr_tf.data.preprocess.Geometry`; it runs on zeros), e.g. in
+    a thread while a model loads. What is compiled depends on the shapes (scans, grid) and, for the aligned path, on
+    how the fixed scan's axes map onto the grid's, not on the other numbers of the matrices."""
+    mov = moving if moving is not None else fixed
+    zeros = lambda dt: np.zeros(tuple(mov.source_shape), dt)  # noqa: E731
+    pull_back(fixed, moving, np.zeros(tuple(fixed.grid_shape) + (3,), np.float32),
+              image=zeros(np.float32) if image else None, labels=zeros(np.int32) if labels else None, mm=mm,
+              label_mode=label_mode, max_voxels=max_voxels)
 
 
 def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, label_mode: str = "labels",
-              max_voxels: int = CHUNK_VOXELS) -> dict:
+              max_voxels: int | None = None) -> dict:
     """A network-grid registration result on the fixed scan's own voxel grid.
 
     Args:
@@ -186,6 +330,8 @@ def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, la
       labels: optional moving label map ``[X', Y', Z']`` (integers) to warp without mixing labels.
       mm: also return the displacement in world millimetres (RAS+).
       label_mode: ``"labels"`` (label vote, default) or ``"nearest"``.
+      max_voxels: fixed voxels per compiled call (default `ALIGNED_CHUNK_VOXELS` when the fixed grid is aligned
+        with the fixed scan, `CHUNK_VOXELS` otherwise).
 
     Returns:
       dict of ``fixed.source_shape`` arrays: ``vox`` ``[..., 3]`` float32 (``p + vox`` is the moving voxel that
@@ -193,6 +339,12 @@ def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, la
       world_fixed(p)``), ``warped`` float32 and ``warped_labels`` int32 (0 where ``q`` leaves the moving scan).
       The arrays are in Fortran order, NIfTI's own (computed in slabs along the last axis, each one contiguous
       block): writing them costs no transposition (0.19 s for a 160x192x224 displacement field).
+
+    When the fixed grid's axes are the fixed scan's, permuted, flipped and scaled (`_aligned`: every grid that
+    `ldr_tf.data.preprocess` builds), the flow's trilinear interpolation is computed as three 1-D ones
+    (`_aligned_slab`): the displacement of a 120x120x90 scan from a 128^3 grid in 35 ms instead of 150-170 ms on
+    2 cores (Zen 3), with the warped scan and labels and millimetres 146 ms instead of 260 ms. The results
+    agree to float32 round-off (tested).
     """
     mov = moving if moving is not None else fixed
     u = np.asarray(flow, np.float32)
@@ -219,10 +371,19 @@ def pull_back(fixed, moving, flow, image=None, labels=None, mm: bool = False, la
         out["warped"] = np.empty(scalar, np.float32)
     if lab is not None:
         out["warped_labels"] = np.empty(scalar, np.int32)
+    matrices = (f32(mov.grid_to_source), f32(fixed.source_affine), f32(mov.source_affine))
+    aligned = _aligned(fixed.source_to_grid)
+    if aligned is not None:
+        flow_t = tf.constant(u)
+        for start, rows, n in _aligned_slabs(nz, ny, nx, max_voxels or ALIGNED_CHUNK_VOXELS):
+            corners, fields = _aligned_fields(aligned, fixed, mov, start, rows, mm, img is not None or lab is not None)
+            res = _aligned_slab(flow_t, corners, fields, aligned[0], img, lab, label_mode)
+            for k, v in res.items():
+                out[k][..., start:start + n, :, :] = v.numpy()[..., :n, :, :]
+        return {k: v.T for k, v in out.items()}
     flow_t = tf.constant(np.ascontiguousarray(u.transpose(2, 1, 0, 3)))  # [W, H, D, 3], as _pull_slab reads it
-    args = (flow_t, f32(fixed.source_to_grid), f32(mov.grid_to_source), f32(fixed.source_affine),
-            f32(mov.source_affine))
-    for start, rows, n in _slabs((nz, ny, nx), max_voxels):  # along the last axis
+    args = (flow_t, f32(fixed.source_to_grid), *matrices)
+    for start, rows, n in _slabs((nz, ny, nx), max_voxels or CHUNK_VOXELS):  # along the last axis
         res = _pull_slab(*args, tf.constant(start, tf.int32), rows, nx, ny, img, lab, mm, label_mode)
         for k, v in res.items():
             out[k][..., start:start + n, :, :] = v.numpy()[..., :n, :, :]
