@@ -17,8 +17,10 @@ alone, as for ANTs; ``total_seconds`` with reading, label warping and the field)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,9 +61,13 @@ def register(fixed: str, moving: str, moving_labels: str, out_dir, maps=("affine
     seconds = time.perf_counter() - t
     for i in range(transform.GetNumberOfParameterMaps()):
         transform.SetParameter(i, "FinalBSplineInterpolationOrder", "0")  # labels: nearest neighbour
-    labels = itk.transformix_filter(itk.imread(str(moving_labels), itk.F), transform)
-    labels = np.rint(itk.array_from_image(labels)).astype(np.int32).transpose(2, 1, 0)
-    field = itk.transformix_deformation_field(m, transform)  # fixed grid, LPS millimetres
+    moving_labels, out_dir = Path(moving_labels).resolve(), Path(out_dir).resolve()
+    # transformix writes its files (deformationField.nii, ...) into the working directory: a scratch one, so that
+    # nothing of the user's is overwritten or left behind
+    with tempfile.TemporaryDirectory(prefix="ldr_tf-elastix-") as scratch, contextlib.chdir(scratch):
+        labels = itk.transformix_filter(itk.imread(str(moving_labels), itk.F), transform)
+        labels = np.rint(itk.array_from_image(labels)).astype(np.int32).transpose(2, 1, 0)
+        field = itk.transformix_deformation_field(m, transform)  # fixed grid, LPS millimetres
     field = np.asarray(itk.array_from_image(field), np.float64).transpose(2, 1, 0, 3)
     direction = np.asarray(f.GetDirection(), np.float64)
     spacing = np.asarray(f.GetSpacing(), np.float64)

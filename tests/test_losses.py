@@ -55,6 +55,9 @@ def test_lncc_loss_against_a_direct_computation(rng):
     assert L.lncc_loss(a, b, 3, "sum").numpy() == pytest.approx(per.sum(), rel=1e-6)
     with pytest.raises(ValueError, match="window: expected an odd number"):
         L.lncc_loss(a, b, 4)
+    # the fixed image's moments computed once (as ldr_tf.refine does) give the same value, bit for bit
+    moments = L.local_moments(a, 3)
+    np.testing.assert_array_equal(L.local_ncc(a, b, 3, moments).numpy(), L.local_ncc(a, b, 3).numpy())
 
 
 def test_smoothness_of_a_linear_ramp():

@@ -94,13 +94,21 @@ def _box(x, window: int):
     return x
 
 
-def local_ncc(fixed, warped, window: int = 5) -> tf.Tensor:
+def local_moments(fixed, window: int = 5):
+    """``(mean, variance)`` of `fixed` in a ``window^3`` box around each voxel: the fixed image's part of
+    `local_ncc`, which a loop over one pair (`ldr_tf.refine`) computes once."""
+    mf = _box(fixed, window)
+    return mf, _box(fixed * fixed, window) - mf * mf
+
+
+def local_ncc(fixed, warped, window: int = 5, fixed_moments=None) -> tf.Tensor:
     """Mean over voxels and channels of the squared local correlation ``cov^2 / (var_f var_w + 1e-5)`` in a
     ``window^3`` box (`_box`), per sample (``[B]``): about 1 where the images agree up to a local linear intensity map, 0
-    where they are unrelated or flat."""
-    mf, mw = _box(fixed, window), _box(warped, window)
+    where they are unrelated or flat. `fixed_moments`: `local_moments` of `fixed` if already computed (the same
+    result)."""
+    mf, vf = local_moments(fixed, window) if fixed_moments is None else fixed_moments
+    mw = _box(warped, window)
     cov = _box(fixed * warped, window) - mf * mw
-    vf = _box(fixed * fixed, window) - mf * mf
     vw = _box(warped * warped, window) - mw * mw
     return tf.reduce_mean(cov * cov / (vf * vw + NCC_EPS), axis=[1, 2, 3, 4])
 
