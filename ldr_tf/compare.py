@@ -156,7 +156,7 @@ class Learned(Method):
 
         self.spec = Preprocessing.from_dict({**preprocessing.to_dict(), "grid_size": list(grid)})
         zeros = np.zeros((1, *grid, 1), np.float32)
-        self.registrar(zeros, zeros)  # warm-up (tracing, XLA compilation) outside the timings
+        self.registrar.flow(zeros, zeros)  # warm-up (tracing, XLA compilation) outside the timings
         if self.refiner is not None:
             self.refiner.compile(grid)
         self._compiled_shapes = set()
@@ -184,7 +184,7 @@ class Learned(Method):
                                         "moving_seg": moving.labels if crop else None}, before=False)
         t_model = time.perf_counter()
         f_in, m_in = model_input(pair["fixed"]), model_input(pair["moving"])
-        flow = self.registrar(f_in, m_in)["flow"]
+        flow = self.registrar.flow(f_in, m_in)
         if self.refiner is not None:
             flow = np.asarray(self.refiner(f_in, m_in, flow))
         model_s = time.perf_counter() - t_model

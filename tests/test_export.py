@@ -5,6 +5,7 @@ The shared student export is the `shared_student` fixture of conftest.py (one ex
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,9 @@ def test_fresh_process_matches_keras_for_both_signatures_and_exports(student, no
         "    r = m.signatures['register'](fixed=args['fixed'], moving=args['moving'])\n"
         "    rl = m.signatures['register_labels'](**args)\n"
         "    d0 = m.signatures['serving_default'](fixed=args['fixed'], moving=args['moving'])\n"
+        "    rf = m.signatures['register_flow'](fixed=args['fixed'], moving=args['moving'])\n"
+        "    assert set(rf) == {'flow'}\n"
+        "    out[f'{tag}_flow_only'] = rf['flow'].numpy()\n"
         "    out.update({f'{tag}_{k}': v.numpy() for k, v in r.items()})\n"
         "    out.update({f'{tag}_labels_{k}': v.numpy() for k, v in rl.items()})\n"
         "    out[f'{tag}_default_flow'] = d0['flow'].numpy()\n"
@@ -110,10 +114,33 @@ def test_fresh_process_matches_keras_for_both_signatures_and_exports(student, no
             np.testing.assert_allclose(got[f"{tag}_{k}"], ref[k], atol=1e-5, rtol=0, err_msg=f"{tag} {k}")
             np.testing.assert_allclose(got[f"{tag}_labels_{k}"], ref[k], atol=1e-5, rtol=0)
         np.testing.assert_allclose(got[f"{tag}_default_flow"], ref["flow"], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(got[f"{tag}_flow_only"], got[f"{tag}_flow"])  # register_flow: the same graph
         labels = got[f"{tag}_labels_warped_labels"]
         assert labels.dtype == np.int32 and labels.shape == ref["warped_labels"].shape
         # flows agree to 1e-5: only exact ties between two labels may flip
         assert np.mean(labels != ref["warped_labels"]) < 1e-4
+
+
+def test_registrar_flow_and_exports_without_register_flow(student, tmp_path):
+    """`Registrar.flow` is register's flow without the warp; an export of ldr-tf 0.3.0 or earlier (no register_flow
+    signature) falls back to register's flow."""
+    from ldr_tf.deploy.loader import open_registrar
+
+    f, m = (np.load(student["arrays"] / f"{k}.npy") for k in ("fixed", "moving"))
+    reg = open_registrar(student["export"])
+    flow = reg(f, m)["flow"]
+    np.testing.assert_array_equal(reg.flow(f, m), flow)
+    loaded = tf.saved_model.load(str(student["export"]))
+    old = tmp_path / "old"
+    tf.saved_model.save(loaded, str(old), signatures={k: loaded.signatures[k] for k in ("register", "register_labels")})
+    meta = savedmodel.load_metadata(student["export"])
+    meta["signatures"].pop("register_flow")
+    (old / savedmodel.METADATA).write_text(json.dumps(meta))
+    before = open_registrar(old)
+    assert "register_flow" not in tf.saved_model.load(str(old)).signatures
+    np.testing.assert_array_equal(before.flow(f, m), flow)
+    with pytest.raises(ValueError, match="fixed: the model's grid is"):
+        reg.flow(f[:, :-1], m)
 
 
 def test_metadata_and_xla_choice_are_recorded_and_compiled_in(student, noxla_export):
@@ -142,7 +169,7 @@ def test_saved_model_cli_show_lists_the_signatures(student):
     r = _saved_model_cli("show", "--all", "--dir", str(student["export"]))
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout
-    for sig in ("register", "register_labels", "serving_default"):
+    for sig in ("register", "register_labels", "register_flow", "serving_default"):
         assert f"signature_def['{sig}']" in text
     block = text.split("signature_def['register_labels']")[1].split("signature_def[")[0]
     assert "inputs['moving_labels']" in block and "DT_INT32" in block
@@ -227,15 +254,31 @@ def test_every_weight_is_stored_once(student):
 
 
 def test_the_network_graph_is_stored_once(student):
-    """register_labels calls the register function: the network is traced once (not inline in both endpoints), so a
-    SavedModel load rebuilds one copy of it (predict never calls register_labels)."""
-    names = [f.signature.name for f in _library(student["export"]).function]
-    register = [n for n in names if n.startswith("__inference_register_") and "labels" not in n]
-    assert len(register) == 1, names
-    labels = next(f for f in _library(student["export"]).function
-                  if f.signature.name.startswith("__inference_register_labels_"))
-    calls = [n for n in labels.node_def if n.op in ("StatefulPartitionedCall", "PartitionedCall")]
-    assert any(n.attr["f"].func.name == register[0] for n in calls)
+    """register calls the register_flow function and register_labels register's: the network is traced once (not
+    inline in each endpoint), so a SavedModel load rebuilds one copy of it (predict never calls register_labels)."""
+    library = _library(student["export"]).function
+    names = [f.signature.name for f in library]
+
+    def one(name):
+        found = [f for f in library if re.fullmatch(rf"__inference_{name}_\d+", f.signature.name)]
+        assert len(found) == 1, (name, names)
+        return found[0]
+
+    def calls(f):
+        return {n.attr["f"].func.name for n in f.node_def if n.op in ("StatefulPartitionedCall", "PartitionedCall")}
+
+    flow, register, labels = (one(n) for n in ("register_flow", "register", "register_labels"))
+    assert flow.signature.name in calls(register) and register.signature.name in calls(labels)
+    # the network (its convolutions) is reached from register_flow; register and register_labels hold none
+    by_name = {f.signature.name: f for f in library}
+    reached, todo = set(), [flow.signature.name]
+    while todo:
+        name = todo.pop()
+        if name in by_name and name not in reached:
+            reached.add(name)
+            todo.extend(calls(by_name[name]))
+    assert any(n.op == "Conv3D" for name in reached for n in by_name[name].node_def)
+    assert not any(n.op == "Conv3D" for f in (register, labels) for n in f.node_def)
 
 
 def test_reexport_keeps_weights_and_metadata(student, tmp_path):

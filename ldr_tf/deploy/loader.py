@@ -2,13 +2,15 @@
 
 `open_registrar(spec)` accepts:
 
-* an exported SavedModel directory (``python -m ldr_tf.export``): its ``register`` / ``register_labels`` signatures;
+* an exported SavedModel directory (``python -m ldr_tf.export``): its ``register`` / ``register_labels`` signatures
+  (and ``register_flow`` for the flow alone; exports before ldr-tf 0.3.1 lack it: ``register``'s flow then);
 * a training run directory: the network rebuilt from ``config.json`` and its latest checkpoint
   (``stage="affine"`` keeps only the affine first stage: "the learned affine stage alone");
 * ``identity``: the zero flow (the "before registration" baseline).
 
 Calling a registrar with ``fixed``, ``moving`` (``[B, D, H, W, 1]`` float32 in [0, 1]) and optionally
-``moving_labels`` (``[B, D, H, W, 1]`` int32) returns numpy arrays ``{"flow", "warped"[, "warped_labels"]}``.
+``moving_labels`` (``[B, D, H, W, 1]`` int32) returns numpy arrays ``{"flow", "warped"[, "warped_labels"]}``;
+``registrar.flow(fixed, moving)`` returns the flow alone, without computing the warped image.
 """
 
 from __future__ import annotations
@@ -91,6 +93,17 @@ class Registrar:
                              f"{(e.message or '').strip().splitlines()[0] if e.message else ''}") from None
         return {k: np.asarray(v) for k, v in out.items()}
 
+    def flow(self, fixed, moving) -> np.ndarray:
+        """The flow ``[B, D, H, W, 3]`` (numpy) alone: as ``self(fixed, moving)["flow"]``, without the warped image."""
+        self.check_shape("fixed", fixed)
+        self.check_shape("moving", moving)
+        pair = tf.concat([tf.convert_to_tensor(fixed, tf.float32), tf.convert_to_tensor(moving, tf.float32)], -1)
+        try:
+            return np.asarray(self.flow_fn(pair))
+        except tf.errors.OpError as e:
+            raise ValueError(f"{self.kind} model call failed: {type(e).__name__}: "
+                             f"{(e.message or '').strip().splitlines()[0] if e.message else ''}") from None
+
 
 def _identity() -> Registrar:
     def fn(fixed, moving):
@@ -145,8 +158,10 @@ def _saved_model(path: Path) -> Registrar:
     def fn_labels(fixed, moving, labels):
         return reg_labels(fixed=fixed, moving=moving, moving_labels=labels)
 
+    flow_sig = loaded.signatures.get("register_flow", reg)  # exports before 0.3.1: register's flow
+
     def flow_fn(pair):
-        return reg(fixed=pair[..., :1], moving=pair[..., 1:2])["flow"]
+        return flow_sig(fixed=pair[..., :1], moving=pair[..., 1:2])["flow"]
 
     return Registrar("saved_model", fn, fn_labels, grid, meta, meta.get("parameters"), loaded, flow_fn=flow_fn)
 
@@ -159,6 +174,7 @@ def _checkpoint(path: Path, stage: str, step: int | None) -> Registrar:
         raise ValueError(f"{path}: --stage=affine: this network has no affine stage (affine=none)")
     model, run_cfg = runs.restore_model(path, step)
 
+    @tf.function(reduce_retracing=True)
     def flow_fn(pair):
         if stage == "affine":
             return model.affine_stage(pair, training=False)["flow"]

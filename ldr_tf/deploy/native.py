@@ -239,7 +239,7 @@ class Predictor:
         `session_seconds`)."""
         zeros = np.zeros((1, *self.registrar.image_size, 1), np.float32)
         t0 = time.perf_counter()
-        self.registrar(zeros, zeros)
+        self.registrar.flow(zeros, zeros)
         if self.refiner is not None:
             self.refiner.compile(self.registrar.image_size)
         self.session_seconds["warmup"] = time.perf_counter() - t0
@@ -298,9 +298,7 @@ class Predictor:
 
         t = time.perf_counter()
         f_in, m_in = model_input(f_vol), model_input(m_vol)
-        res = self.registrar(f_in, m_in)
-        grid_flow = np.asarray(res["flow"])[0]
-        del res
+        grid_flow = self.registrar.flow(f_in, m_in)[0]
         times["model"] = time.perf_counter() - t
         for r in ready:  # (the refinement's compilation may be among them)
             r.result()

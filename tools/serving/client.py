@@ -195,6 +195,18 @@ class RemoteRegistrar:
             self._check("moving_labels", labels)
             inputs["moving_labels"] = labels.astype(np.int32)
             signature = "register_labels"
+        return self._call(signature, inputs)
+
+    def flow(self, fixed, moving) -> np.ndarray:
+        """The flow alone (``register_flow``: no warped image computed or sent back; exports before ldr-tf 0.3.1 lack
+        that signature: ``register``'s flow then)."""
+        self._check("fixed", fixed)
+        self._check("moving", moving)
+        inputs = {"fixed": np.asarray(fixed, np.float32), "moving": np.asarray(moving, np.float32)}
+        signature = "register_flow" if "register_flow" in (self.metadata.get("signatures") or {}) else "register"
+        return self._call(signature, inputs)["flow"]
+
+    def _call(self, signature: str, inputs: dict) -> dict:
         if self.protocol == "grpc":
             return self._call_grpc(signature, inputs)
         return self._call_rest(signature, inputs)
