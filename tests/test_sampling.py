@@ -183,9 +183,8 @@ def test_compiled_helpers_are_traced_without_autograph():
     these functions have only Python control flow, so every XLA helper is traced with ``autograph=False``."""
     import tensorflow as tf
 
-    helpers = [sampling._affine_slab, sampling._aligned_affine_slab, sampling._pull_slab, sampling._aligned_slab, sampling._aligned_interp,
-               sampling._points_slab,
-               warp._sample_linear_xla,
+    helpers = [sampling._affine_slab, sampling._aligned_affine_slab, sampling._pull_slab, sampling._aligned_slab,
+               sampling._aligned_interp, sampling._points_slab, warp._sample_linear_xla,
                warp._sample_labels_xla, warp._affine_field_xla, warp._upsample2_xla]
     assert [getattr(f, "_autograph", None) for f in helpers] == [False] * len(helpers)
     found = [name for mod in (sampling, warp) for name, v in vars(mod).items()
