@@ -72,21 +72,27 @@ def _affine_slab(volume, matrix, start, rows: int, ny: int, nz: int, mode: str, 
     return tf.where(inside, out, tf.cast(fill, out.dtype))
 
 
-@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _aligned_affine_slab(volume, corners, inside, perm: tuple, fill):
-    # `_affine_slab` (linear) for a matrix that maps every output axis to one volume axis (`_aligned`): three 1-D
-    # interpolations of whole slices. corners[a]: the `_axis_corners` of volume axis a over output axis perm[a];
-    # inside[a]: whether those positions are within half a voxel of the volume.
-    x = volume  # [X, Y, Z, C]
-    mask = None
+def _separable_linear(x, corners):
+    """Linear interpolation of `x` ``[N0, N1, N2, C]`` along each of its three spatial axes in turn: ``corners[a] =
+    (i0, i1, w)`` (`_axis_corners`) replaces axis a by ``len(i0)`` samples ``x[i0] + w (x[i1] - x[i0])``. For an
+    aligned map (`_aligned`) this is trilinear interpolation, as gathers of whole slices."""
     for a in range(3):
         i0, i1, w = corners[a]
         lo, hi = tf.gather(x, i0, axis=a), tf.gather(x, i1, axis=a)
         shape = [1, 1, 1, 1]
         shape[a] = -1
         x = lo + tf.reshape(w, shape) * (hi - lo)
-        m = tf.reshape(inside[a], shape)
-        mask = m if mask is None else mask & m
+    return x
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _aligned_affine_slab(volume, corners, inside, perm: tuple, fill):
+    # `_affine_slab` (linear) for a matrix that maps every output axis to one volume axis (`_aligned`): three 1-D
+    # interpolations of whole slices. corners[a]: the `_axis_corners` of volume axis a over output axis perm[a];
+    # inside[a]: whether those positions are within half a voxel of the volume.
+    x = _separable_linear(volume, corners)  # [X, Y, Z, C] -> volume axis a now along output axis perm[a]
+    mask = tf.reshape(inside[0], [-1, 1, 1, 1]) & tf.reshape(inside[1], [1, -1, 1, 1]) & \
+        tf.reshape(inside[2], [1, 1, -1, 1])
     x = tf.where(mask, x, fill)
     axis_of = {perm[a]: a for a in range(3)}  # output axis -> the array axis that now holds it
     return tf.transpose(x, [axis_of[0], axis_of[1], axis_of[2], 3])
@@ -234,13 +240,7 @@ def _aligned_interp(flow, corners, perm: tuple):
     # interpolation is then separable, three 1-D interpolations of whole slices (gathers of rows, not of 8 corners
     # per voxel). corners[a]: the `_axis_corners` of grid axis a over source axis perm[a] (the last source axis's cut
     # to the slab's rows). Returns [3, Z, Y, X], the C layout of the Fortran-order scan (as `_pull_slab`'s).
-    x = flow  # [D, H, W, 3]
-    for a in range(3):
-        i0, i1, w = corners[a]
-        lo, hi = tf.gather(x, i0, axis=a), tf.gather(x, i1, axis=a)
-        shape = [1, 1, 1, 1]
-        shape[a] = -1
-        x = lo + tf.reshape(w, shape) * (hi - lo)
+    x = _separable_linear(flow, corners)  # [D, H, W, 3] -> grid axis a now along source axis perm[a]
     axis_of = {perm[a]: a for a in range(3)}  # source axis -> grid axis
     return tf.transpose(x, [3, axis_of[2], axis_of[1], axis_of[0]])
 
