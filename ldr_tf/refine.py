@@ -23,7 +23,7 @@ import tensorflow as tf
 from ldr_tf.ops import warp
 from ldr_tf.ops.losses import local_moments, local_ncc, smoothness_loss
 
-__all__ = ["Refiner", "refine_flow", "DEFAULTS", "LEVELS"]
+__all__ = ["Refiner", "refine_flow", "objective_gradient", "DEFAULTS", "LEVELS"]
 
 # Chosen on IXI validation pairs (brain model): Dice gain against folding and time (README, "Refinement"). Smoothness
 # 2 (1 before 0.3): on 20 validation pairs the same Dice after 10 steps (0.603) with a quarter of the folding (0.012 %
@@ -35,6 +35,28 @@ LEVELS = (dict(DEFAULTS), {"lr": 0.5, "smooth": 3.0, "window": 3, "factor": 1})
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-7
 _COMPILED = {}  # level settings -> compiled refine_flow (`Refiner._compiled`)
+
+
+def objective_gradient(fixed, moments, corners, u, smooth: float, window: int) -> tf.Tensor:
+    """The gradient with respect to `u` of ``sum over the batch of -LNCC(fixed, warp(moving, u)) + smooth *
+    smoothness(u)`` (the refinement's objective), where `corners` are ``warp.trilinear_corners(moving, grid + u)``
+    and `moments` ``local_moments(fixed, window)``.
+
+    By the chain rule through the warped image: the LNCC's gradient with respect to the warped image (automatic)
+    times the interpolant's derivative with respect to the positions (`warp.interpolate_corners`: what automatic
+    differentiation through `warp.warp` gives), plus the smoothness term's. `refine_flow` gathers the corners at
+    the end of each step and passes them to the next one through the loop's state: inside one XLA computation the
+    gathers were otherwise repeated in every consumer of the warped image and of its derivatives (a 64^3 step
+    took 19 ms instead of 10 ms on 2 cores).
+    """
+    warped, dwarped = warp.interpolate_corners(*corners)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([warped, u])
+        # samples are independent: the sum gives each its own gradient
+        ncc = tf.reduce_sum(-local_ncc(fixed, warped, window, moments))
+        reg = tf.reduce_sum(smooth * smoothness_loss(u, "none"))
+    g_warped = tape.gradient(ncc, warped)
+    return tf.reduce_sum(g_warped[..., None] * dwarped, axis=-2) + tape.gradient(reg, u)
 
 
 def refine_flow(fixed, moving, flow, steps: int, lr: float = DEFAULTS["lr"], smooth: float = DEFAULTS["smooth"],
@@ -53,26 +75,20 @@ def refine_flow(fixed, moving, flow, steps: int, lr: float = DEFAULTS["lr"], smo
         base = flow
     b1, b2 = ADAM_BETAS
     moments = local_moments(fixed, window)  # the fixed image's, once (the same result, ~10 % faster a step)
+    grid = warp.identity_grid(tf.shape(base)[1:4], base.dtype)[None]
 
-    def gradient(d):
-        with tf.GradientTape() as tape:
-            tape.watch(d)
-            u = base + d
-            loss = (-local_ncc(fixed, warp.warp(moving, u), window, moments)
-                    + smooth * smoothness_loss(u, "none"))
-            total = tf.reduce_sum(loss)  # samples are independent: each gets its own gradient
-        return tape.gradient(total, d)
-
-    def body(i, d, m, v):
-        g = gradient(d)
+    def body(i, d, m, v, corners):
+        g = objective_gradient(fixed, moments, corners, base + d, smooth, window)
         m = b1 * m + (1.0 - b1) * g
         v = b2 * v + (1.0 - b2) * g * g
         t = tf.cast(i + 1, tf.float32)
         step = lr * tf.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
-        return i + 1, d - step * m / (tf.sqrt(v) + ADAM_EPS), m, v
+        d = d - step * m / (tf.sqrt(v) + ADAM_EPS)
+        return i + 1, d, m, v, warp.trilinear_corners(moving, grid + base + d)
 
     zeros = tf.zeros_like(base)
-    _, d, _, _ = tf.while_loop(lambda i, *_: i < steps, body, (tf.constant(0), zeros, zeros, zeros))
+    state = (tf.constant(0), zeros, zeros, zeros, warp.trilinear_corners(moving, grid + base))
+    _, d, _, _, _ = tf.while_loop(lambda i, *_: i < steps, body, state)
     return flow + (warp.upsample_flow(d, factor) if factor > 1 else d)
 
 

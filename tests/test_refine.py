@@ -8,8 +8,8 @@ from scipy import ndimage
 
 from ldr_tf.ops import warp
 from ldr_tf.ops.losses import smoothness_loss
-from ldr_tf.ops.losses import local_ncc
-from ldr_tf.refine import Refiner
+from ldr_tf.ops.losses import local_moments, local_ncc
+from ldr_tf.refine import Refiner, objective_gradient
 
 N = 32
 
@@ -52,6 +52,23 @@ def test_refinement_from_zero_aligns_a_smooth_deformation_deterministically(pair
     # the field found points the way of the true one (cosine 0.74 here; the smooth texture leaves some freedom)
     cosine = np.sum(flow * truth) / np.sqrt(np.sum(flow * flow) * np.sum(truth * truth))
     assert cosine > 0.6, cosine
+
+
+@pytest.mark.parametrize("smooth, window", [(2.0, 5), (3.0, 3)])
+def test_the_chained_gradient_is_the_objectives_automatic_gradient(pair, smooth, window):
+    fixed, moving, truth = pair
+    # a batch of two different pairs, flows that leave the volume in places (clamped positions)
+    fixed2, moving2 = (tf.constant(np.concatenate([x, x[:, ::-1]])) for x in (fixed, moving))
+    u = tf.constant(np.concatenate([truth, -3.0 * truth]))
+    grid = warp.identity_grid([N, N, N])[None]
+    corners = warp.trilinear_corners(moving2, grid + u)
+    got = objective_gradient(fixed2, local_moments(fixed2, window), corners, u, smooth, window)
+    with tf.GradientTape() as tape:
+        tape.watch(u)
+        loss = tf.reduce_sum(-local_ncc(fixed2, warp.warp(moving2, u), window) + smooth * smoothness_loss(u, "none"))
+    want = tape.gradient(loss, u).numpy()
+    assert np.abs(want[1]).max() > 0 and np.abs(want[0]).max() > 0
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5 * np.abs(want).max())  # float32 rounding
 
 
 def test_levels_run_coarse_to_fine_and_zero_steps_change_nothing(pair):

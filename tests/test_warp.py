@@ -84,6 +84,31 @@ def test_gradients_match_finite_differences(rng, sampler):
         np.testing.assert_allclose(t, n, atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "xla"])
+def test_interpolated_corners_give_the_sample_and_its_automatic_derivative(rng, compiled):
+    img = tf.constant(rng.random((2, 7, 6, 5, 2)), tf.float32)
+    # positions inside, outside on every side (clamped: zero derivative along that axis) and on the last voxel
+    coords = rng.uniform(-2.0, 8.0, (2, 4, 5, 3, 3)).astype(np.float32)
+    coords[0, 0, 0, 0] = [6.0, 5.0, 4.0]
+    coords = tf.constant(coords)
+
+    def corners_then_interpolation(i, c):
+        return W.interpolate_corners(*W.trilinear_corners(i, c))
+
+    fn = tf.function(corners_then_interpolation, jit_compile=True) if compiled else corners_then_interpolation
+    value, gradient = fn(img, coords)
+    assert value.shape == (2, 4, 5, 3, 2) and gradient.shape == (2, 4, 5, 3, 2, 3)
+    np.testing.assert_allclose(value.numpy(), W.resample(img, coords).numpy(), atol=1e-6)
+    for c in range(2):
+        with tf.GradientTape() as tape:
+            tape.watch(coords)
+            out = W.resample(img, coords)[..., c]
+        np.testing.assert_allclose(gradient[..., c, :].numpy(), tape.gradient(out, coords).numpy(), atol=1e-6)
+    outside = (coords.numpy() < 0) | (coords.numpy() > np.array([6, 5, 4]))
+    assert outside.any() and (~outside).any()
+    assert np.all(gradient.numpy()[..., 0, :][outside] == 0)
+
+
 def test_compose_equals_warping_twice(rng):
     shape = (1, 16, 16, 16)
     x = _grid(shape[1:])

@@ -37,6 +37,8 @@ __all__ = [
     "compose_affine",
     "dense_residual",
     "sample_points",
+    "trilinear_corners",
+    "interpolate_corners",
     "identity_grid",
     "upsample_flow",
     "invert_flow",
@@ -105,12 +107,14 @@ def _check_image_flow(image, flow, image_name="image") -> None:
 # ------------------------------------------------------------------------------------------- sampler
 
 
-def _corner_indices_and_weights(coords, sizes):
+def _corner_indices(coords, sizes):
     """Trilinear corners for positions `coords` [B, d, h, w, 3] in a volume of spatial `sizes` [3].
 
-    Returns (flat indices of the 8 corners into a [B*D*H*W] array, their 8 weights): two lists of 8 [B, d, h, w]
-    tensors (lists, not stacked tensors: no [8, ...] copy, and a smaller graph than indexing a stack 8 times).
-    Positions are clamped into [0, N-1] first (border replication).
+    Returns (flat indices of the 8 corners into a [B*D*H*W] array: a list of 8 [B, d, h, w] tensors, corner
+    ``n = 4 i + 2 j + k`` being (z_i, y_j, x_k) with 0 the lower and 1 the upper neighbour; the fractions
+    [B, d, h, w, 3] of the positions between their lower and upper corners). Positions are clamped into
+    [0, N-1] first (border replication). Lists, not stacked tensors: no [8, ...] copy, and a smaller graph than
+    indexing a stack 8 times.
     """
     sizes_f = tf.cast(sizes, coords.dtype)
     coords = tf.clip_by_value(coords, tf.zeros_like(sizes_f), sizes_f - 1.0)
@@ -124,17 +128,21 @@ def _corner_indices_and_weights(coords, sizes):
     z = (c0[..., 0], c1[..., 0])
     y = (c0[..., 1], c1[..., 1])
     x = (c0[..., 2], c1[..., 2])
-    fz = (1.0 - frac[..., 0], frac[..., 0])
-    fy = (1.0 - frac[..., 1], frac[..., 1])
-    fx = (1.0 - frac[..., 2], frac[..., 2])
-    indices, weights = [], []
+    indices = []
     for i in (0, 1):
         for j in (0, 1):
             zy = base + (z[i] * h + y[j]) * w
-            wzy = fz[i] * fy[j]
-            for k in (0, 1):
-                indices.append(zy + x[k])
-                weights.append(wzy * fx[k])
+            indices += [zy + x[0], zy + x[1]]
+    return indices, frac
+
+
+def _corner_indices_and_weights(coords, sizes):
+    """`_corner_indices` and the 8 trilinear weights (a list of 8 [B, d, h, w] tensors, in the same order)."""
+    indices, frac = _corner_indices(coords, sizes)
+    fz = (1.0 - frac[..., 0], frac[..., 0])
+    fy = (1.0 - frac[..., 1], frac[..., 1])
+    fx = (1.0 - frac[..., 2], frac[..., 2])
+    weights = [fz[i] * fy[j] * fx[k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
     return indices, weights
 
 
@@ -238,6 +246,52 @@ def resample(image, coords) -> tf.Tensor:
         raise ValueError(f"coords: expected 3 channels, got shape {tuple(coords.shape)}")
     _check_same("image", image, "coords", coords, (0,), "batch size")
     return _linear(image, coords)
+
+
+def trilinear_corners(image, coords):
+    """The trilinear corners of `image` ``[B, D, H, W, C]`` at absolute voxel positions `coords` ``[B, d, h, w, 3]``.
+
+    Returns ``(corners, frac, inside)``: the 8 corner values ``[B, d, h, w, C, 8]`` (corner ``4 i + 2 j + k`` is
+    (z_i, y_j, x_k), 0 the lower and 1 the upper neighbour), the positions' fractions between them
+    ``[B, d, h, w, 3]``, and 1 where a position lies inside ``[0, N - 1]`` along an axis, 0 where it was clamped
+    ``[B, d, h, w, 3]``. `interpolate_corners` turns them into the value `resample` gives and its derivative. Split
+    in two so that a loop can keep the gathered corners (``ldr_tf.refine``): in one XLA computation the 8 gathers
+    were repeated in each consumer of the value and of the three derivatives (4x the gathers).
+    """
+    image = tf.convert_to_tensor(image)
+    coords = tf.convert_to_tensor(coords, image.dtype)
+    _check_rank("image", image, 5, "[B, D, H, W, C]")
+    _check_flow(coords, "coords")
+    shape = tf.shape(image)
+    indices, frac = _corner_indices(coords, shape[1:4])
+    flat = tf.reshape(image, [-1, shape[4]])
+    corners = tf.stack([tf.gather(flat, i) for i in indices], axis=-1)
+    sizes = tf.cast(shape[1:4], coords.dtype)
+    inside = tf.cast((coords >= 0.0) & (coords <= sizes - 1.0), coords.dtype)
+    return corners, frac, inside
+
+
+def interpolate_corners(corners, frac, inside):
+    """``(value [B, d, h, w, C], gradient [B, d, h, w, C, 3])`` from `trilinear_corners`' outputs.
+
+    `value` is what `resample` (trilinear, border-clamped) gives at those positions, `gradient` its derivative
+    with respect to the positions, as automatic differentiation through `resample` gives it: the exact
+    derivative of the trilinear interpolant, piecewise constant across voxel faces, and zero along an axis where
+    the position was clamped to the border.
+    """
+    f = [frac[..., None, a:a + 1] for a in range(3)]  # [B, d, h, w, 1, 1] each: broadcast over C
+    v0, v1 = corners[..., 0::2], corners[..., 1::2]  # x_0 / x_1 of the 4 (z_i, y_j) rows
+    a, da = v0 + f[2] * (v1 - v0), v1 - v0  # along x: [.., 4] (i, j)
+    b = a[..., 0::2] + f[1] * (a[..., 1::2] - a[..., 0::2])  # along y: [.., 2] (i)
+    db_y = a[..., 1::2] - a[..., 0::2]
+    db_x = da[..., 0::2] + f[1] * (da[..., 1::2] - da[..., 0::2])
+    value = b[..., 0] + f[0][..., 0] * (b[..., 1] - b[..., 0])
+
+    def along_z(t):
+        return t[..., 0:1] + f[0] * (t[..., 1:2] - t[..., 0:1])
+
+    gradient = tf.concat([b[..., 1:2] - b[..., 0:1], along_z(db_y), along_z(db_x)], axis=-1)
+    return value, gradient * inside[..., None, :]
 
 
 def warp_labels(labels, flow, method: str = "linear", coords=None) -> tf.Tensor:
