@@ -75,7 +75,7 @@ def refine_flow(fixed, moving, flow, steps: int, lr: float = DEFAULTS["lr"], smo
         base = flow
     b1, b2 = ADAM_BETAS
     moments = local_moments(fixed, window)  # the fixed image's, once (the same result, ~10 % faster a step)
-    grid = warp.identity_grid(tf.shape(base)[1:4], base.dtype)[None]
+    start = warp.identity_grid(tf.shape(base)[1:4], base.dtype)[None] + base  # the positions before the steps
 
     def body(i, d, m, v, corners):
         g = objective_gradient(fixed, moments, corners, base + d, smooth, window)
@@ -84,10 +84,10 @@ def refine_flow(fixed, moving, flow, steps: int, lr: float = DEFAULTS["lr"], smo
         t = tf.cast(i + 1, tf.float32)
         step = lr * tf.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
         d = d - step * m / (tf.sqrt(v) + ADAM_EPS)
-        return i + 1, d, m, v, warp.trilinear_corners(moving, grid + base + d)
+        return i + 1, d, m, v, warp.trilinear_corners(moving, start + d)
 
     zeros = tf.zeros_like(base)
-    state = (tf.constant(0), zeros, zeros, zeros, warp.trilinear_corners(moving, grid + base))
+    state = (tf.constant(0), zeros, zeros, zeros, warp.trilinear_corners(moving, start))
     _, d, _, _, _ = tf.while_loop(lambda i, *_: i < steps, body, state)
     return flow + (warp.upsample_flow(d, factor) if factor > 1 else d)
 
