@@ -28,6 +28,8 @@ scan, the model call alone also given, the XLA compilations for a new scan shape
 Dice-vs-seconds figure (log scale). With two methods or more, every method's Dice minus the ``--baseline``'s (default:
 the first method) on the same pairs: mean, a 95 % interval over subject pairs (Student's t, as `ldr_tf.ablation`),
 and on how many pairs it is higher.
+``--structures=95,47,48``: those labels' Dice per method as well (mean over the pairs whose fixed map holds them;
+every pair's per-label Dice is in the JSON).
 
 Example::
 
@@ -65,6 +67,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("paired", False, "Subject-to-subject datasets: neighbour pairs (keys 2k and 2k+1, both ways: "
                       "30 pairs for 30 test subjects) instead of every ordered pair.")
     flags.DEFINE_string("out", None, "Output prefix: <out>.txt, <out>.json, <out>.png.")
+    flags.DEFINE_list("structures", [], "Label values (e.g. 95,47,48: the IXI corpus callosum and hippocampi) whose "
+                      "Dice is also tabulated per method (every pair's per-label Dice is in the JSON).")
     flags.DEFINE_string("baseline", None, "Name of a method: every other method's Dice minus its, pair by pair, with "
                         "a 95 %% confidence interval over subject pairs (default: the first method).")
 
@@ -340,7 +344,9 @@ def score(method: Method, fixed: Scan, moving: Scan) -> dict:
     ov = metrics.label_overlap(np.asarray(fixed.labels.dataobj), warped)
     jac = metrics.jacobian_stats(field)
     return {"dice": ov["dice"], "jaccard": ov["jaccard"], "labels": ov["labels"], "folding_pct": jac["folding_pct"],
-            "jac_std": jac["jac_std"], "seconds": res["seconds"], "model_seconds": res["model_seconds"]}
+            "jac_std": jac["jac_std"], "seconds": res["seconds"], "model_seconds": res["model_seconds"],
+            # each label's Dice (JSON keys are strings): what `structure_table` reads
+            "label_dice": {str(k): v[0] for k, v in ov["per_label"].items()}}
 
 
 def _stat(values):
@@ -438,12 +444,45 @@ def table(summary) -> str:
     return "\n".join(lines)
 
 
+def parse_structures(values) -> list:
+    """``--structures`` (label values as strings) -> sorted unique ints; ValueError naming a bad entry."""
+    out = set()
+    for v in values:
+        try:
+            label = int(str(v).strip())
+        except ValueError:
+            raise ValueError(f"--structures: expected label values (integers > 0), got {v!r}") from None
+        if label <= 0:
+            raise ValueError(f"--structures: expected label values (integers > 0), got {v!r}")
+        out.add(label)
+    return sorted(out)
+
+
+def structure_summary(rows: dict, labels) -> dict:
+    """``{method: {label: stat}}``: each label's Dice over the pairs whose fixed map holds it (`_stat`: mean,
+    median, std, n)."""
+    return {name: {str(v): _stat([x["label_dice"].get(str(v)) for x in r]) for v in labels}
+            for name, r in rows.items()}
+
+
+def structure_table(structures: dict, labels) -> str:
+    """Markdown table of `structure_summary`: a row per method, a column per label (mean Dice, n/a if absent)."""
+    head = "| method | " + " | ".join(f"label {v}" for v in labels) + " |\n|---|" + "---|" * len(labels)
+    lines = [head]
+    for name, stats in structures.items():
+        cells = ["n/a" if stats[str(v)]["mean"] is None else f"{stats[str(v)]['mean']:.3f}" for v in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int = 2, paired: bool = False,
-        baseline: str | None = None) -> dict:
+        baseline: str | None = None, structures=()) -> dict:
     """Compares `method_specs` (``name=spec`` strings) on `desc`'s `subset`; writes <out>.txt/.json/.png.
 
     With two methods or more, each one's Dice is also compared pair by pair with `baseline` (default: the first).
+    `structures`: label values whose Dice is tabulated per method (`structure_table`).
     """
+    structures = parse_structures(structures)
     from ldr_tf.data.preprocess import Preprocessing
 
     pp = desc.extra.get("preprocessing")
@@ -457,8 +496,13 @@ def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int =
     t0 = time.perf_counter()
     res = compare(methods, desc, subset, max_pairs, paired=paired)
     res["differences"] = paired_differences(res["pairs"], baseline or names[0])
+    if structures:
+        res["structures"] = structure_summary(res["pairs"], structures)
     out = Path(out)
     text = table(res["summary"])
+    if structures:
+        text += "\n\nDice per structure (mean over the pairs whose fixed map holds it):\n" + structure_table(
+            res["structures"], structures)
     if res["differences"]:
         text += "\n\nPaired differences:\n" + "\n".join(difference_lines(res["differences"]))
     header = (f"dataset {desc.path}, subset {subset}, {res['summary'][0]['pairs']} pairs, scored on the fixed "
@@ -490,7 +534,8 @@ def main(argv):
     from ldr_tf.data import dataset
 
     desc = dataset.load_descriptor(dataset.resolve_dataset(FLAGS.dataset, FLAGS.data_dir))
-    run(FLAGS.method, desc, FLAGS.subset, FLAGS.out, FLAGS.max_pairs, threads, FLAGS.paired, FLAGS.baseline)
+    run(FLAGS.method, desc, FLAGS.subset, FLAGS.out, FLAGS.max_pairs, threads, FLAGS.paired, FLAGS.baseline,
+        FLAGS.structures)
     return 0
 
 

@@ -39,7 +39,7 @@ def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, s
     subset = next(iter(brain_like.subsets))
     out = tmp_path / "cmp"
     res = compare.run(["identity", f"student={student['export']}", f"refined={student['export']}:refine=10"],
-                      brain_like, subset, out)
+                      brain_like, subset, out, structures=["41", "17", "99", "17"])
     for suffix in (".txt", ".json", ".png"):
         assert (tmp_path / f"cmp{suffix}").is_file()
     summary = {s["name"]: s for s in res["summary"]}
@@ -48,7 +48,9 @@ def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, s
     for row in res["pairs"]["identity"]:
         f = np.asarray(nib.load(compare.source_paths(brain_like, row["fixed"])["labels"]).dataobj)
         m = np.asarray(nib.load(compare.source_paths(brain_like, row["moving"])["labels"]).dataobj)
-        assert row["dice"] == pytest.approx(label_overlap(f, m)["dice"], abs=1e-9)
+        ov = label_overlap(f, m)
+        assert row["dice"] == pytest.approx(ov["dice"], abs=1e-9)
+        assert row["label_dice"] == pytest.approx({str(k): v[0] for k, v in ov["per_label"].items()})
         assert row["folding_pct"] == 0.0
     assert summary["student"]["parameters"] > 0
     assert all(0.0 <= r["dice"] <= 1.0 and r["seconds"] > 0 for r in res["pairs"]["student"])
@@ -63,6 +65,24 @@ def test_identity_and_a_learned_model_on_the_native_grid(brain_like, tmp_path, s
     gap = np.mean([s["dice"] - i["dice"] for s, i in zip(res["pairs"]["student"], res["pairs"]["identity"])])
     assert saved["differences"][0]["mean"] == pytest.approx(gap)
     assert "student - identity: " in (tmp_path / "cmp.txt").read_text()
+    # the structures asked for: each label's Dice over the pairs, per method (label 99 is in no map)
+    for name, rows in res["pairs"].items():
+        for label in ("17", "41"):
+            values = [r["label_dice"][label] for r in rows]
+            assert saved["structures"][name][label]["mean"] == pytest.approx(np.mean(values))
+            assert saved["structures"][name][label]["n"] == 2
+        assert saved["structures"][name]["99"] == {"mean": None, "median": None, "std": None, "n": 0}
+    text = (tmp_path / "cmp.txt").read_text()
+    assert "| method | label 17 | label 41 | label 99 |" in text
+    st = saved["structures"]["refined"]
+    assert f"| refined | {st['17']['mean']:.3f} | {st['41']['mean']:.3f} | n/a |" in text
+
+
+def test_bad_structures():
+    assert compare.parse_structures([" 95", "47", "95"]) == [47, 95]
+    for bad in ("x", "0", "-3", "1.5"):
+        with pytest.raises(ValueError, match=rf"--structures: expected label values \(integers > 0\), got '{bad}'"):
+            compare.parse_structures(["47", bad])
 
 
 def test_paired_differences_over_subject_pairs():
