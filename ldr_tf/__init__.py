@@ -24,4 +24,4 @@ _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # Hide TF's INFO chatter (cpu-feature notes); warnings and errors still show.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"
