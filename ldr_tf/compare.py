@@ -345,7 +345,7 @@ def score(method: Method, fixed: Scan, moving: Scan) -> dict:
     jac = metrics.jacobian_stats(field)
     return {"dice": ov["dice"], "jaccard": ov["jaccard"], "labels": ov["labels"], "folding_pct": jac["folding_pct"],
             "jac_std": jac["jac_std"], "seconds": res["seconds"], "model_seconds": res["model_seconds"],
-            # each label's Dice (JSON keys are strings): what `structure_table` reads
+            # each label's Dice (JSON keys are strings): what `structure_summary` reads
             "label_dice": {str(k): v[0] for k, v in ov["per_label"].items()}}
 
 
@@ -446,16 +446,10 @@ def table(summary) -> str:
 
 def parse_structures(values) -> list:
     """``--structures`` (label values as strings) -> sorted unique ints; ValueError naming a bad entry."""
-    out = set()
     for v in values:
-        try:
-            label = int(str(v).strip())
-        except ValueError:
-            raise ValueError(f"--structures: expected label values (integers > 0), got {v!r}") from None
-        if label <= 0:
+        if not str(v).strip().isdecimal() or int(v) <= 0:
             raise ValueError(f"--structures: expected label values (integers > 0), got {v!r}")
-        out.add(label)
-    return sorted(out)
+    return sorted({int(v) for v in values})
 
 
 def structure_summary(rows: dict, labels) -> dict:
@@ -465,12 +459,13 @@ def structure_summary(rows: dict, labels) -> dict:
             for name, r in rows.items()}
 
 
-def structure_table(structures: dict, labels) -> str:
+def structure_table(structures: dict) -> str:
     """Markdown table of `structure_summary`: a row per method, a column per label (mean Dice, n/a if absent)."""
+    labels = list(next(iter(structures.values())))
     head = "| method | " + " | ".join(f"label {v}" for v in labels) + " |\n|---|" + "---|" * len(labels)
     lines = [head]
     for name, stats in structures.items():
-        cells = ["n/a" if stats[str(v)]["mean"] is None else f"{stats[str(v)]['mean']:.3f}" for v in labels]
+        cells = ["n/a" if stats[v]["mean"] is None else f"{stats[v]['mean']:.3f}" for v in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -496,13 +491,12 @@ def run(method_specs, desc, subset: str, out, max_pairs: int = 0, threads: int =
     t0 = time.perf_counter()
     res = compare(methods, desc, subset, max_pairs, paired=paired)
     res["differences"] = paired_differences(res["pairs"], baseline or names[0])
-    if structures:
-        res["structures"] = structure_summary(res["pairs"], structures)
     out = Path(out)
     text = table(res["summary"])
     if structures:
+        res["structures"] = structure_summary(res["pairs"], structures)
         text += "\n\nDice per structure (mean over the pairs whose fixed map holds it):\n" + structure_table(
-            res["structures"], structures)
+            res["structures"])
     if res["differences"]:
         text += "\n\nPaired differences:\n" + "\n".join(difference_lines(res["differences"]))
     header = (f"dataset {desc.path}, subset {subset}, {res['summary'][0]['pairs']} pairs, scored on the fixed "
